@@ -1,0 +1,102 @@
+"""Overlay of verl's PPO entry point: adds `trainer_cls=<dotted path>`.
+
+    python -m verl.trainer.main_ppo ... trainer_cls=recipe.atropos.grpo_atropos_trainer.RayGRPOAtroposTrainer
+
+runs verl's legacy TaskRunner (`trainer.use_v1=false`) with that `RayPPOTrainer` subclass in place
+of `RayPPOTrainer`, built with the same constructor arguments. The key may also be set in a config
+file. Without `trainer_cls` everything is upstream's, unchanged: the installed module's source runs
+in this namespace (verl/_overlay.py) and upstream's `main` body is called as it is.
+"""
+
+from verl import _overlay
+
+_overlay.exec_installed(globals())
+
+import contextlib  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, open_dict  # noqa: E402
+
+from verl.utils.import_utils import load_class_from_fqn  # noqa: E402
+
+TRAINER_CLS_KEY = "trainer_cls"
+_UPSTREAM_CONFIG_DIR = os.path.join(os.path.dirname(_overlay.installed_source_file("verl.trainer.main_ppo")), "config")
+_upstream_main_body = main.__wrapped__  # noqa: F821 - upstream's hydra-decorated main, executed above
+_upstream_run_ppo = run_ppo  # noqa: F821 - upstream's, executed above
+
+
+class TrainerClassError(ValueError):
+    """`trainer_cls` names nothing importable, or something that is not a RayPPOTrainer subclass."""
+
+
+def load_trainer_cls(dotted_path: str) -> type:
+    """Import `dotted_path` and check that it is a RayPPOTrainer subclass."""
+    from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+    try:
+        trainer_cls = load_class_from_fqn(dotted_path, description=TRAINER_CLS_KEY)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise TrainerClassError(f"{TRAINER_CLS_KEY}={dotted_path} cannot be imported: {exc}") from exc
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, RayPPOTrainer)):
+        raise TrainerClassError(
+            f"{TRAINER_CLS_KEY}={dotted_path} is {trainer_cls!r}, not a subclass of "
+            "verl.trainer.ppo.ray_trainer.RayPPOTrainer"
+        )
+    return trainer_cls
+
+
+@contextlib.contextmanager
+def _legacy_task_runner_builds(trainer_cls: type):
+    """verl's legacy TaskRunner builds `trainer_cls` instead of RayPPOTrainer while this is open."""
+    import verl.trainer.main_ppo_v0 as main_ppo_v0
+
+    # Missing seam: TaskRunner.run builds its trainer from main_ppo_v0's module-global `RayPPOTrainer`
+    # and takes no class argument. Ray ships the TaskRunner class to its actor by value, capturing
+    # that global when the actor is created, so it is swapped here, in the driver, for this run.
+    upstream_cls = main_ppo_v0.RayPPOTrainer
+    main_ppo_v0.RayPPOTrainer = trainer_cls
+    try:
+        yield
+    finally:
+        main_ppo_v0.RayPPOTrainer = upstream_cls
+
+
+def run_ppo(config, task_runner_class) -> None:
+    """Upstream's `run_ppo`; with `trainer_cls` set, the legacy TaskRunner builds that class."""
+    trainer_cls_path = config.get(TRAINER_CLS_KEY)
+    if not trainer_cls_path:
+        return _upstream_run_ppo(config, task_runner_class)
+    if task_runner_class is TaskRunnerV1:  # noqa: F821 - upstream's, executed above
+        raise TrainerClassError(f"{TRAINER_CLS_KEY} needs verl's legacy trainer: set trainer.use_v1=false")
+    with _legacy_task_runner_builds(load_trainer_cls(trainer_cls_path)):
+        return _upstream_run_ppo(config, task_runner_class)
+
+
+@hydra.main(config_path=_UPSTREAM_CONFIG_DIR, config_name="ppo_trainer", version_base=None)
+def _hydra_main(config: DictConfig) -> None:
+    trainer_cls_path = config.get(TRAINER_CLS_KEY)
+    if trainer_cls_path:
+        trainer_cls = load_trainer_cls(trainer_cls_path)  # fail here, before Ray starts
+        if config.trainer.use_v1:
+            print(f"{TRAINER_CLS_KEY}={trainer_cls.__module__}.{trainer_cls.__qualname__}: using verl's legacy trainer")
+            with open_dict(config):
+                config.trainer.use_v1 = False
+    # Upstream's body; its `run_ppo` is looked up in this module's namespace, so it reaches ours.
+    _upstream_main_body(config)
+
+
+def _accept_trainer_cls_override(argv: list[str]) -> list[str]:
+    """`trainer_cls=X` -> `++trainer_cls=X`: verl's config has no such key, Hydra would refuse to set it."""
+    return [re.sub(rf"^(\+\+|\+)?{TRAINER_CLS_KEY}=", f"++{TRAINER_CLS_KEY}=", arg) for arg in argv]
+
+
+def main() -> None:
+    sys.argv = [sys.argv[0], *_accept_trainer_cls_override(sys.argv[1:])]
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
