@@ -19,10 +19,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import requests
@@ -214,7 +214,19 @@ class ClientStats:
 @dataclass(frozen=True)
 class _Answer:
     status: int
-    body: Any
+    body: Any  # decoded; None for an error status the caller accepts
+
+
+@dataclass
+class _CallProgress:
+    attempts: int = 0
+
+
+_Parsed = TypeVar("_Parsed")
+
+
+def _keep_answer(answer: _Answer) -> Any:
+    return answer
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,16 +425,19 @@ class AtroposEnvironmentClient:
 
         Also records the encodings the service advertises, which ``encoding="auto"`` relies on.
         """
+
+        def healthy(answer: _Answer) -> dict[str, Any]:
+            body = answer.body
+            if not isinstance(body, Mapping) or body.get("status") != "ok":
+                raise AtroposProtocolError(f"GET {self.api_url}/health: not ok: {body!r:.200}", field="status")
+            return dict(body)
+
         try:
-            answer = self._request("GET", "/health", accept=self._accept_header(), max_attempts=1)
+            body = self._request("GET", "/health", accept=self._accept_header(), max_attempts=1, parse=healthy)
         except AtroposAPIError as exc:
             logger.debug("health check of %s failed: %s", self.api_url, exc)
             return False
-        body = answer.body
-        if not isinstance(body, Mapping) or body.get("status") != "ok":
-            logger.debug("health check of %s: not ok: %r", self.api_url, body)
-            return False
-        self.service_info = dict(body)
+        self.service_info = body
         encodings = body.get("encodings")
         if isinstance(encodings, Sequence) and not isinstance(encodings, str):
             self.service_encodings = tuple(str(e).lower() for e in encodings)
@@ -450,10 +465,17 @@ class AtroposEnvironmentClient:
         payload = self._evaluation_payload(
             prompts, responses, metadata, group_ids, ground_truths, response_token_ids, response_lengths
         )
-        content_type = self._request_content_type(carries_arrays="response_token_ids" in payload)
+        batch_size = len(payload["prompts"])
         path = "/evaluate_and_compute_advantages"
-        answer = self._request("POST", path, payload=payload, content_type=content_type, accept=self._accept_header())
-        return _parse_evaluation(answer.body, len(payload["prompts"]), where=f"POST {self.api_url}{path}")
+        where = f"POST {self.api_url}{path}"
+        return self._request(
+            "POST",
+            path,
+            payload=payload,
+            content_type=self._request_content_type(carries_arrays="response_token_ids" in payload),
+            accept=self._accept_header(),
+            parse=lambda answer: _parse_evaluation(answer.body, batch_size, where),
+        )
 
     def register_inference_endpoint(self, base_url: str, model: str, api_key: str | None = None) -> bool:
         """Tell the service where an OpenAI-compatible server is; False when it does not support it (404)."""
@@ -496,57 +518,80 @@ class AtroposEnvironmentClient:
             "starting_step": int(starting_step),
             "num_steps": int(num_steps),
         }
-        # The uuid is a 128-bit integer: decode with the stdlib, which keeps it exact.
-        answer = self._request("POST", "/register", payload=payload, accept=wire.JSON, exact_integers=True)
-        uuid = answer.body.get("uuid") if isinstance(answer.body, Mapping) else None
-        if not isinstance(uuid, int) or isinstance(uuid, bool):
-            raise AtroposProtocolError(
-                f"POST {self.api_url}/register: expected {{'uuid': <int>}}, got {answer.body!r:.200}", field="uuid"
-            )
-        return uuid
+        where = f"POST {self.api_url}/register"
+
+        def trainer_uuid(answer: _Answer) -> int:
+            uuid = answer.body.get("uuid") if isinstance(answer.body, Mapping) else None
+            if not isinstance(uuid, int) or isinstance(uuid, bool):
+                raise AtroposProtocolError(
+                    f"{where}: expected {{'uuid': <int>}}, got {answer.body!r:.200}", field="uuid"
+                )
+            return uuid
+
+        # The uuid is a 128-bit integer: decoded with the stdlib, which keeps it exact.
+        return self._request(
+            "POST", "/register", payload=payload, accept=wire.JSON, exact_integers=True, parse=trainer_uuid
+        )
 
     def get_batch(self) -> list[dict[str, Any]] | None:
         """``GET /batch``: the next training batch (a list of scored groups), or None if not ready.
 
         Each group has ``tokens``, ``masks`` (-100 = not trained) and ``scores``, one item per
         sequence, plus optional ``advantages``, ``overrides``, ... as the environment sent them.
+        A trainer that has not registered gets an :class:`AtroposRequestError` (code
+        ``not_registered``): the API answers that with a 200.
         """
-        where = f"GET {self.api_url}/batch"
-        body = self._request("GET", "/batch", accept=wire.JSON).body
-        if not isinstance(body, Mapping):
-            raise AtroposProtocolError(f"{where}: expected a JSON object, got {_type_name(body)}", field="body")
-        if body.get("status") == "error":
-            message = str(body.get("message", "no message"))
-            raise AtroposRequestError(
-                f"{where}: the trajectory API refused: {message}",
-                status=200,
-                code="not_registered" if "register" in message.lower() else "error",
-                service_message=message,
-                method="GET",
-                url=f"{self.api_url}/batch",
-            )
-        if "batch" not in body:
-            raise AtroposProtocolError(f"{where}: answer has no 'batch' field: {body!r:.200}", field="batch")
-        batch = body["batch"]
-        if batch is None:
-            return None
-        if not isinstance(batch, list):
-            raise AtroposProtocolError(f"{where}: batch: expected a list of groups, got {_type_name(batch)}", field="batch")
-        for group_index, group in enumerate(batch):
-            _check_scored_group(group, group_index, where)
-        return batch
+        url = f"{self.api_url}/batch"
+        where = f"GET {url}"
+
+        def scored_groups(answer: _Answer) -> list[dict[str, Any]] | None:
+            body = answer.body
+            if not isinstance(body, Mapping):
+                raise AtroposProtocolError(f"{where}: expected a JSON object, got {_type_name(body)}", field="body")
+            if body.get("status") == "error":
+                message = str(body.get("message", "no message"))
+                raise AtroposRequestError(
+                    f"{where}: the trajectory API refused: {message}",
+                    status=answer.status,
+                    code="not_registered" if "register" in message.lower() else "error",
+                    service_message=message,
+                    method="GET",
+                    url=url,
+                )
+            if "batch" not in body:
+                raise AtroposProtocolError(f"{where}: answer has no 'batch' field: {body!r:.200}", field="batch")
+            batch = body["batch"]
+            if batch is None:
+                return None
+            if not isinstance(batch, list):
+                raise AtroposProtocolError(
+                    f"{where}: batch: expected a list of groups, got {_type_name(batch)}", field="batch"
+                )
+            for group_index, group in enumerate(batch):
+                _check_scored_group(group, group_index, where)
+            return batch
+
+        return self._request("GET", "/batch", accept=wire.JSON, parse=scored_groups)
 
     def status(self) -> TrajectoryStatus:
         """``GET /status``: the step the trajectory API counts and how many groups it has queued."""
-        body = self._request("GET", "/status", accept=wire.JSON).body
-        fields = _int_fields(body, ("current_step", "queue_size"), where=f"GET {self.api_url}/status")
-        return TrajectoryStatus(**fields)
+        where = f"GET {self.api_url}/status"
+        return self._request(
+            "GET",
+            "/status",
+            accept=wire.JSON,
+            parse=lambda answer: TrajectoryStatus(**_int_fields(answer.body, ("current_step", "queue_size"), where)),
+        )
 
     def info(self) -> TrajectoryInfo:
         """``GET /info``: the registered batch size and token budget (-1 before registration)."""
-        body = self._request("GET", "/info", accept=wire.JSON).body
-        fields = _int_fields(body, ("batch_size", "max_token_len"), where=f"GET {self.api_url}/info")
-        return TrajectoryInfo(**fields)
+        where = f"GET {self.api_url}/info"
+        return self._request(
+            "GET",
+            "/info",
+            accept=wire.JSON,
+            parse=lambda answer: TrajectoryInfo(**_int_fields(answer.body, ("batch_size", "max_token_len"), where)),
+        )
 
     # ---- encoding choice ----------------------------------------------------------------
 
@@ -574,16 +619,19 @@ class AtroposEnvironmentClient:
         max_attempts: int | None = None,
         accept_statuses: frozenset[int] | set[int] = frozenset(),
         exact_integers: bool = False,
-    ) -> _Answer:
-        """Send one call with the retry policy; every public method goes through here.
+        parse: Callable[[_Answer], _Parsed] = _keep_answer,  # type: ignore[assignment]
+    ) -> _Parsed:
+        """Send one call with the retry policy and ``parse`` its answer; every method goes through here.
 
         Retried: connection errors, timeouts, 5xx, 408, 429 (waiting at least ``Retry-After``).
-        Raised at once: other 4xx (unless listed in ``accept_statuses``, which are returned),
-        and a 2xx body that cannot be decoded. The call ends after ``max_attempts`` tries or when
-        ``max_wait_time`` is spent, whichever comes first; each try's timeout is cut to the time left.
+        Raised at once: other 4xx (unless listed in ``accept_statuses``, which are returned with
+        a None body), and a 2xx body that cannot be decoded or that ``parse`` rejects. The call
+        ends after ``max_attempts`` tries or when ``max_wait_time`` is spent, whichever comes
+        first; each try's timeout is cut to the time left. Counted once in the stats, as a
+        success only when ``parse`` accepted the answer.
         """
         url = f"{self.api_url}{path}"
-        max_attempts = max_attempts or self.retry_attempts
+        # Encoded once, before the clock starts: a payload that cannot be encoded is never sent.
         headers = {"Accept": accept}
         if wire.MSGPACK in accept:
             headers["Accept-Encoding"] = "identity"  # gzip of float arrays costs more than it saves
@@ -592,7 +640,6 @@ class AtroposEnvironmentClient:
             try:
                 body = wire.encode(payload, content_type)
             except (TypeError, ValueError) as exc:
-                self._count_call(retries=0, latency_s=None)
                 raise AtroposRequestError(
                     f"{method} {url}: cannot encode the request as {content_type}: {exc}",
                     status=None,
@@ -603,6 +650,43 @@ class AtroposEnvironmentClient:
             headers["Content-Type"] = content_type
 
         started = time.monotonic()
+        progress = _CallProgress()
+        try:
+            response = self._send_with_retries(
+                method, url, body, headers, max_attempts or self.retry_attempts, accept_statuses, started, progress
+            )
+            if response.status_code >= 400:  # a status the caller accepts (404 = not supported)
+                answer = _Answer(response.status_code, None)
+            else:
+                try:
+                    answer = _Answer(response.status_code, _decode_response(response, exact_integers))
+                except wire.WireError as exc:
+                    raise AtroposProtocolError(
+                        f"{method} {url} answered {response.status_code} with an undecodable body "
+                        f"({len(response.content)} bytes): {exc}",
+                        field="body",
+                        method=method,
+                        url=url,
+                    ) from exc
+            parsed = parse(answer)
+        except AtroposAPIError:
+            self._count_call(retries=max(progress.attempts - 1, 0), latency_s=None)
+            raise
+        self._count_call(retries=progress.attempts - 1, latency_s=time.monotonic() - started)
+        return parsed
+
+    def _send_with_retries(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        max_attempts: int,
+        accept_statuses: frozenset[int] | set[int],
+        started: float,
+        progress: _CallProgress,
+    ) -> requests.Response:
+        """The retry loop (tenacity) around :meth:`_attempt`; raises AtroposUnavailableError on give-up."""
         deadline = started + self.max_wait_time
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(max_attempts) | _StopWhenBudgetSpent(deadline),
@@ -611,41 +695,20 @@ class AtroposEnvironmentClient:
             before_sleep=self._log_retry,
             sleep=time.sleep,
         )
-        attempt_number = 0
         try:
             for attempt in retrying:
                 with attempt:
-                    attempt_number = attempt.retry_state.attempt_number
+                    progress.attempts = attempt.retry_state.attempt_number
                     response = self._attempt(
-                        method, url, body, headers, deadline, attempt_number, max_attempts, accept_statuses
+                        method, url, body, headers, deadline, progress.attempts, max_attempts, accept_statuses
                     )
         except tenacity.RetryError as retry_error:
-            self._count_call(retries=attempt_number - 1, latency_s=None)
             failure = retry_error.last_attempt.exception()
             assert isinstance(failure, _RetryableFailure)
-            raise self._give_up(method, url, attempt_number, max_attempts, started, deadline, failure) from (
+            raise self._give_up(method, url, progress.attempts, max_attempts, started, deadline, failure) from (
                 failure.__cause__
             )
-        except AtroposAPIError:
-            self._count_call(retries=attempt_number - 1, latency_s=None)
-            raise
-
-        if response.status_code >= 400:  # a status the caller accepts (404 = not supported): body optional
-            self._count_call(retries=attempt_number - 1, latency_s=time.monotonic() - started)
-            return _Answer(response.status_code, None)
-        try:
-            decoded = _decode_response(response, exact_integers)
-        except wire.WireError as exc:
-            self._count_call(retries=attempt_number - 1, latency_s=None)
-            raise AtroposProtocolError(
-                f"{method} {url} answered {response.status_code} with an undecodable body "
-                f"({len(response.content)} bytes): {exc}",
-                field="body",
-                method=method,
-                url=url,
-            ) from exc
-        self._count_call(retries=attempt_number - 1, latency_s=time.monotonic() - started)
-        return _Answer(response.status_code, decoded)
+        return response
 
     def _attempt(
         self,
@@ -788,7 +851,9 @@ class AtroposEnvironmentClient:
             payload["ground_truths"] = check_list(ground_truths, "ground_truths", (str, type(None)), "str or null")
         if response_token_ids is not None:
             if not _is_list_like(response_token_ids):
-                raise reject(f"expected a list of token lists, got {_type_name(response_token_ids)}", "response_token_ids")
+                raise reject(
+                    f"expected a list of token lists, got {_type_name(response_token_ids)}", "response_token_ids"
+                )
             if len(response_token_ids) != batch_size:
                 raise reject(f"has {len(response_token_ids)} items, prompts has {batch_size}", "response_token_ids")
             payload["response_token_ids"] = [
@@ -895,7 +960,9 @@ def _parse_evaluation(body: Any, batch_size: int, where: str) -> EvaluationResul
     else:
         for index, value in enumerate(scores_raw):
             if not _is_number(value):
-                raise broken(f"scores[{index}]: expected a number, got {_type_name(value)}", "scores", sample_index=index)
+                raise broken(
+                    f"scores[{index}]: expected a number, got {_type_name(value)}", "scores", sample_index=index
+                )
         scores = np.asarray(scores_raw, dtype=np.float64)
     non_finite = np.flatnonzero(~np.isfinite(scores))
     if non_finite.size:
@@ -934,7 +1001,9 @@ def _sample_advantage(item: Any, index: int, broken: Any) -> np.ndarray | float 
         )
     if isinstance(item, np.ndarray):
         if item.ndim != 1 or (item.size and item.dtype.kind not in "iuf"):
-            raise broken(f"{field}: expected a flat array of numbers, got {_type_name(item)}", "advantages", sample_index=index)
+            raise broken(
+                f"{field}: expected a flat array of numbers, got {_type_name(item)}", "advantages", sample_index=index
+            )
         array = item
     else:
         # numpy's type inference checks thousands of values at C speed; only a failure walks the list.

@@ -88,6 +88,8 @@ class ServerProcess:
         # The repo root first, as in the project's own runs (see pyproject.toml).
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
         self.process = subprocess.Popen(
             self.argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=self._cwd, start_new_session=True
         )

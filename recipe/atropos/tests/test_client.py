@@ -8,6 +8,7 @@ project's environment service (a process) when it exists.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_health_check_is_false_when_not_ok_and_tries_once(server, fault):
     client = make_client(server.url, retry_attempts=5)
     assert client.health_check() is False
     assert len(server.requests_to("/health")) == 1
+    assert client.stats.failures == 1 and client.service_encodings == ()
 
 
 def test_health_check_is_false_quickly_when_nothing_listens():
@@ -287,7 +289,7 @@ def test_max_wait_time_bounds_total_time_against_a_slow_server(server):
     with pytest.raises(AtroposUnavailableError) as raised:
         client.evaluate_and_compute_advantages(**small_batch())
     elapsed = time.monotonic() - started
-    assert 0.7 <= elapsed < 1.3
+    assert 0.7 <= elapsed < 1.5  # the bound plus scheduling slack on a busy machine
     assert "max_wait_time=0.8 s spent" in str(raised.value) and "no answer within" in str(raised.value)
 
 
@@ -298,7 +300,7 @@ def test_max_wait_time_bounds_total_time_against_a_failing_server(server):
     with pytest.raises(AtroposUnavailableError) as raised:
         client.evaluate_and_compute_advantages(**small_batch())
     elapsed = time.monotonic() - started
-    assert elapsed < 0.9
+    assert elapsed < 1.2  # the bound plus scheduling slack on a busy machine
     assert 2 < raised.value.attempts < 1000 and raised.value.attempts == len(server.requests_to(EVALUATE))
     assert "max_wait_time=0.6 s spent" in str(raised.value)
 
@@ -371,6 +373,7 @@ def test_malformed_200_bodies_raise_protocol_errors_naming_the_field(server, bod
     for needle in needles:
         assert needle in str(raised.value)
     assert len(server.requests_to(EVALUATE)) == 1  # not retried
+    assert (client.stats.requests, client.stats.failures, client.stats.retries) == (1, 1, 0)
 
 
 def test_protocol_error_carries_sample_index_and_sizes(server):
@@ -463,10 +466,20 @@ def test_logs_each_attempt_at_debug_and_each_give_up_at_info(server, caplog):
         with pytest.raises(AtroposUnavailableError):
             client.evaluate_and_compute_advantages(**small_batch())
     ours = [r for r in caplog.records if r.name == "verl.recipe.atropos"]
-    attempts = [r for r in ours if r.levelno == logging.DEBUG and "attempt" in r.getMessage() and "/3 (" in r.getMessage()]
+    attempts = [r for r in ours if r.levelno == logging.DEBUG and "/3 (timeout" in r.getMessage()]
     assert [r.getMessage().split("attempt ")[1].split(" ")[0] for r in attempts] == ["1/3", "2/3", "3/3"]
     give_ups = [r for r in ours if r.levelno == logging.INFO]
     assert len(give_ups) == 1 and "gave up after 3 attempts" in give_ups[0].getMessage()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [("2", 2.0), ("0.25", 0.25), ("-3", 0.0), ("soon", None), (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
+)
+def test_retry_after_header_forms(header, expected):
+    from recipe.atropos.client import _parse_retry_after
+
+    assert _parse_retry_after(header) == expected
 
 
 # --------------------------------------------------------------------------------------------
@@ -548,8 +561,6 @@ GSM8K_SERVER = Path("recipe/atropos/environments/gsm8k_server.py")
 class TestEnvironmentService:
     @pytest.fixture(scope="class")
     def service(self):
-        import sys
-
         port = find_free_loopback_port()
         argv = [sys.executable, str(REPO_ROOT / GSM8K_SERVER), "serve", "--port", str(port)]
         with start_server_process(argv, port=port, startup_timeout_s=90) as process:
