@@ -137,14 +137,19 @@ def compute_grpo_outcome_advantage(
         else:
             override_B = advantage_override_mask.to(device=scalar_B.device, dtype=torch.bool)
         overrides_BT = token_level_advantages.to(device=scalar_B.device, dtype=rewards_BT.dtype)
-        # One pass picks each row's source; the mask multiply zeroes everything outside the response.
-        advantages_BT = torch.where(override_B.unsqueeze(-1), overrides_BT, scalar_B.unsqueeze(-1))
-        advantages_BT = advantages_BT * response_mask
-        if not torch.isfinite(advantages_BT).all():
-            # Rare path: non-finite overrides outside the mask are dropped (0 there), inside they are an error.
+        # A_BT = (overrides_BT * w_B + b_B) * response_mask, with w = 1, b = 0 on overridden rows and
+        # w = 0, b = GRPO scalar elsewhere: exact on both (x * 1 + 0 = x, x * 0 + s = s for finite x),
+        # and three cheap broadcasting passes instead of a slower `torch.where`.
+        take_B1 = override_B.unsqueeze(-1).to(rewards_BT.dtype)
+        advantages_BT = overrides_BT * take_B1
+        advantages_BT.add_(scalar_B.unsqueeze(-1) * (1 - take_B1))
+        advantages_BT.mul_(response_mask)
+        if not torch.isfinite(advantages_BT.sum()):
+            # Rare path (a sum is cheaper than an elementwise check): non-finite overrides inside the
+            # mask of an overridden row are an error; anywhere else they must not leak in.
             _raise_on_non_finite_override(overrides_BT, response_mask, override_B)
-            outside_BT = ~response_mask.bool() & override_B.unsqueeze(-1)
-            advantages_BT = advantages_BT.masked_fill(outside_BT, 0.0)
+            advantages_BT = torch.where(override_B.unsqueeze(-1), overrides_BT, scalar_B.unsqueeze(-1))
+            advantages_BT = advantages_BT.masked_fill(~response_mask.bool(), 0.0) * response_mask
         return advantages_BT, advantages_BT
 
 
