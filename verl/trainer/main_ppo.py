@@ -93,8 +93,30 @@ def _accept_trainer_cls_override(argv: list[str]) -> list[str]:
     return [re.sub(rf"^(\+\+|\+)?{TRAINER_CLS_KEY}=", f"++{TRAINER_CLS_KEY}=", arg) for arg in argv]
 
 
+def _config_path_from_cwd(argv: list[str]) -> list[str]:
+    """A relative `--config-path`/`-cp` that names a folder under the working directory -> absolute.
+
+    Hydra resolves a relative config path against the entry point's own file, which here lies in
+    site-packages; recipe configs live in the working directory (the repo root).
+    """
+    out = list(argv)
+    for i, arg in enumerate(out):
+        for flag in ("--config-path", "-cp"):
+            if arg == flag and i + 1 < len(out):
+                out[i + 1] = _absolute_if_local_dir(out[i + 1])
+            elif arg.startswith(flag + "="):
+                out[i] = f"{flag}={_absolute_if_local_dir(arg[len(flag) + 1:])}"
+    return out
+
+
+def _absolute_if_local_dir(path: str) -> str:
+    if "://" in path or os.path.isabs(path) or not os.path.isdir(path):
+        return path
+    return os.path.abspath(path)
+
+
 def main() -> None:
-    sys.argv = [sys.argv[0], *_accept_trainer_cls_override(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *_config_path_from_cwd(_accept_trainer_cls_override(sys.argv[1:]))]
     _hydra_main()
 
 

@@ -1,0 +1,51 @@
+"""`trainer.atropos`: the typed settings of RayGRPOAtroposTrainer (defaults in config/atropos_defaults.yaml)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from typing import Any
+
+API_KEY_ENV = "ATROPOS_API_KEY"
+_ENCODINGS = ("auto", "json", "msgpack")
+
+
+@dataclasses.dataclass(frozen=True)
+class AtroposTrainerConfig:
+    """How the trainer talks to the environment service; every field is documented in README.md."""
+
+    api_url: str = "http://localhost:9001"
+    use_advantages: bool = True
+    fallback_to_grpo: bool = True
+    timeout: float = 30.0
+    retry_attempts: int = 5
+    retry_delay: float = 1.0
+    max_wait_time: float = 120.0
+    api_key: str | None = None
+    send_token_ids: bool = True
+    encoding: str = "auto"
+
+    @classmethod
+    def from_config(cls, node: Mapping[str, Any] | None) -> AtroposTrainerConfig:
+        """Build from `trainer.atropos` (a DictConfig or dict); unknown keys and bad values are errors."""
+        values = dict(node or {})
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"trainer.atropos has unknown keys {unknown}; known: {sorted(known)}")
+        for name, value in values.items():
+            expected = {"str": str, "bool": bool, "float": (int, float), "int": int, "str | None": (str, type(None))}[known[name].type]
+            if not isinstance(value, expected) or (known[name].type in ("float", "int") and isinstance(value, bool)):
+                raise ValueError(f"trainer.atropos.{name} must be {known[name].type}, got {value!r}")
+        if values.get("api_key") is None and os.environ.get(API_KEY_ENV):
+            values["api_key"] = os.environ[API_KEY_ENV]
+        config = cls(**values)
+        if config.encoding not in _ENCODINGS:
+            raise ValueError(f"trainer.atropos.encoding must be one of {_ENCODINGS}, got {config.encoding!r}")
+        if config.timeout <= 0 or config.max_wait_time <= 0 or config.retry_attempts < 1 or config.retry_delay < 0:
+            raise ValueError(
+                "trainer.atropos needs timeout > 0, max_wait_time > 0, retry_attempts >= 1 and retry_delay >= 0; got "
+                f"{config.timeout}, {config.max_wait_time}, {config.retry_attempts}, {config.retry_delay}"
+            )
+        return config

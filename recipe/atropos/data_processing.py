@@ -1,0 +1,79 @@
+"""verl batch -> the environment service's request fields (prompt and response text, ids, groups)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import torch
+
+from verl import DataProto
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchView:
+    """The parts of a verl batch the request is built from, taken without copying.
+
+    Taken on the trainer's thread; the request is then built on a background thread while verl goes
+    on adding keys to the batch.
+    """
+
+    prompts_BP: torch.Tensor
+    prompt_mask_BP: torch.Tensor
+    responses_BT: torch.Tensor
+    response_mask_BT: torch.Tensor
+    uids_B: np.ndarray
+    reward_model_B: np.ndarray | None
+
+    @classmethod
+    def of(cls, batch: DataProto) -> BatchView:
+        prompts_BP = batch.batch["prompts"]
+        return cls(
+            prompts_BP=prompts_BP,
+            prompt_mask_BP=batch.batch["attention_mask"][:, : prompts_BP.shape[1]],
+            responses_BT=batch.batch["responses"],
+            response_mask_BT=batch.batch["response_mask"],
+            uids_B=batch.non_tensor_batch["uid"],
+            reward_model_B=batch.non_tensor_batch.get("reward_model"),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvironmentRequest:
+    """One `/evaluate_and_compute_advantages` request for a batch of B samples."""
+
+    prompts: list[str]
+    responses: list[str]
+    group_ids: list[str]
+    ground_truths: list[str | None] | None
+    response_token_ids: list[np.ndarray] | None
+    response_lengths: list[int]
+    metadata: dict[str, Any]
+
+
+def _ground_truth(reward_model: Any) -> str | None:
+    if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
+        return str(reward_model["ground_truth"])
+    return None
+
+
+def build_environment_request(view: BatchView, tokenizer, *, send_token_ids: bool, step: int) -> EnvironmentRequest:
+    """Decode prompts and responses; the response tokens are those where `response_mask` is 1."""
+    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(view.prompts_BP, view.prompt_mask_BP)]
+    response_mask_BT = view.response_mask_BT.bool()
+    response_ids = [ids[mask].numpy() for ids, mask in zip(view.responses_BT, response_mask_BT)]
+    ground_truths = None
+    if view.reward_model_B is not None:
+        ground_truths = [_ground_truth(rm) for rm in view.reward_model_B]
+        if all(gt is None for gt in ground_truths):
+            ground_truths = None
+    return EnvironmentRequest(
+        prompts=tokenizer.batch_decode(prompt_ids, skip_special_tokens=True),
+        responses=tokenizer.batch_decode([ids.tolist() for ids in response_ids], skip_special_tokens=True),
+        group_ids=[str(uid) for uid in view.uids_B],
+        ground_truths=ground_truths,
+        response_token_ids=response_ids if send_token_ids else None,
+        response_lengths=response_mask_BT.sum(dim=-1).tolist(),
+        metadata={"step": step},
+    )

@@ -1,0 +1,169 @@
+"""EnvironmentFeedback: one step's round trip to the environment service, and what to do when it fails.
+
+The trainer calls `submit(batch)` once generation is done (the request then runs on a background
+thread, concurrently with verl's old-log-prob computation) and `apply(batch)` right before the
+actor update: it waits for the answer, turns it into advantages with AtroposGRPOComputer and
+writes them into the batch. A service that is down, too slow or answering nonsense makes the step
+fall back to the GRPO advantages verl already computed from its own reward (or stops the run, with
+`fallback_to_grpo=false`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional
+
+import numpy as np
+
+from recipe.atropos.advantages import compute_grpo_outcome_advantages_np
+from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient, EvaluationResult
+from recipe.atropos.config import AtroposTrainerConfig
+from recipe.atropos.data_processing import BatchView, build_environment_request
+from recipe.atropos.grpo_computer import AtroposGRPOComputer, advantage_metrics
+from verl import DataProto
+
+logger = logging.getLogger("verl.recipe.atropos")
+
+SERVICE_HINT = (
+    "Start the environment service (e.g. `python recipe/atropos/environments/gsm8k_server.py serve`) and check "
+    "trainer.atropos.api_url, or set trainer.atropos.fallback_to_grpo=true to train on standard GRPO while it is down."
+)
+
+
+class EnvironmentServiceError(RuntimeError):
+    """The service failed and `fallback_to_grpo` is false: the run stops here, before any update."""
+
+
+class EnvironmentFeedback:
+    """Requests advantages for each step's batch and applies them (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: AtroposTrainerConfig,
+        tokenizer,
+        computer: AtroposGRPOComputer,
+        client: Optional[AtroposEnvironmentClient] = None,
+    ):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.computer = computer
+        self.client = client or AtroposEnvironmentClient(
+            config.api_url,
+            timeout=config.timeout,
+            retry_attempts=config.retry_attempts,
+            retry_delay=config.retry_delay,
+            max_wait_time=config.max_wait_time,
+            api_key=config.api_key,
+            encoding=config.encoding,
+        )
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atropos-request")
+        self._pending: Optional[tuple[Future, np.ndarray]] = None
+        self._outage_steps = 0  # consecutive steps without a usable answer
+        self.fallback_steps_total = 0
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+    def check_health(self) -> bool:
+        """Say at start what will happen: overrides from the service, GRPO until it answers, or stop."""
+        healthy = self.client.health_check()
+        where = f"environment service at {self.config.api_url}"
+        if healthy:
+            source = "its advantages" if self.config.use_advantages else "GRPO on its scores"
+            logger.warning("%s is healthy: training uses %s.", where, source)
+        elif self.config.fallback_to_grpo:
+            logger.warning(
+                "%s does not answer /health: training starts on standard GRPO (verl's reward) and switches to the "
+                "service as soon as it answers (trainer.atropos.fallback_to_grpo=true).", where,
+            )
+            self._outage_steps = 1
+        else:
+            raise EnvironmentServiceError(f"{where} does not answer /health. {SERVICE_HINT}")
+        return healthy
+
+    def submit(self, batch: DataProto, step: int) -> None:
+        """Start this step's request on the background thread."""
+        view = BatchView.of(batch)
+        self._pending = (self._executor.submit(self._request, view, step), view.uids_B)
+
+    def _request(self, view: BatchView, step: int) -> tuple[EvaluationResult, float]:
+        if self._outage_steps and not self.client.health_check():
+            # Still down: one quick probe instead of a full retry budget every step of an outage.
+            raise ConnectionError(f"{self.config.api_url}/health does not answer")
+        request = build_environment_request(view, self.tokenizer, send_token_ids=self.config.send_token_ids, step=step)
+        start = time.perf_counter()
+        result = self.client.evaluate_and_compute_advantages(
+            request.prompts,
+            request.responses,
+            request.metadata,
+            group_ids=request.group_ids,
+            ground_truths=request.ground_truths,
+            response_token_ids=request.response_token_ids,
+            response_lengths=None if request.response_token_ids is not None else request.response_lengths,
+        )
+        return result, time.perf_counter() - start
+
+    def apply(self, batch: DataProto, step: int) -> dict[str, float]:
+        """Wait for the answer, write the advantages into `batch`, return the `atropos/...` metrics."""
+        if self._pending is None:  # e.g. verl skipped old-log-prob (rollout-correction bypass mode)
+            self.submit(batch, step)
+        future, submitted_uids = self._pending
+        self._pending = None
+        retries_before = self.client.stats.retries
+        wait_start = time.perf_counter()
+        metrics: dict[str, float] = {}
+        try:
+            result, latency_s = future.result()
+            if not np.array_equal(submitted_uids, batch.non_tensor_batch["uid"]):
+                raise ValueError("the batch was reordered between the request and the update")
+        except (AtroposAPIError, ConnectionError, ValueError) as exc:
+            self._on_failure(exc, step)
+            result, latency_s = None, float("nan")
+        metrics["atropos/wait_s"] = time.perf_counter() - wait_start
+
+        response_mask_BT = batch.batch["response_mask"]
+        if result is None:
+            # verl's compute_advantage already gave this batch standard GRPO on its own reward.
+            metrics.update(advantage_metrics(batch.batch["advantages"], response_mask_BT, None))
+        else:
+            if self._outage_steps:
+                logger.warning("environment service at %s answers again after %d step(s): overrides resume.",
+                               self.config.api_url, self._outage_steps)
+                self._outage_steps = 0
+            output = self.computer.compute(
+                batch.batch["token_level_rewards"], response_mask_BT, batch.non_tensor_batch["uid"],
+                self._env_advantages(result, batch),
+            )
+            batch.batch["advantages"] = output.advantages_BT
+            batch.batch["returns"] = output.returns_BT
+            metrics.update(output.metrics)
+            metrics.update({f"atropos/env/{name}": value for name, value in result.metrics.items()})
+            metrics["atropos/env/mean_score"] = float(np.mean(result.scores)) if len(result.scores) else 0.0
+        self.fallback_steps_total += int(metrics["atropos/fallback"])
+        metrics["atropos/fallback_steps_total"] = float(self.fallback_steps_total)
+        metrics["atropos/api_latency_s"] = latency_s
+        metrics["atropos/retries"] = float(self.client.stats.retries - retries_before)
+        return metrics
+
+    def _env_advantages(self, result: EvaluationResult, batch: DataProto) -> list:
+        if self.config.use_advantages:
+            return result.advantages
+        # The service as a reward model: GRPO on its scores, one float per sample.
+        return compute_grpo_outcome_advantages_np(
+            result.scores, batch.non_tensor_batch["uid"], norm_adv_by_std=self.computer.norm_adv_by_std_in_grpo
+        ).tolist()
+
+    def _on_failure(self, exc: Exception, step: int) -> None:
+        if not self.config.fallback_to_grpo:
+            raise EnvironmentServiceError(
+                f"step {step}: the environment service at {self.config.api_url} failed: {exc}. {SERVICE_HINT}"
+            ) from exc
+        if self._outage_steps == 0:
+            logger.warning(
+                "step %d: environment service at %s failed (%s); using standard GRPO until it answers again.",
+                step, self.config.api_url, exc,
+            )
+        self._outage_steps += 1
