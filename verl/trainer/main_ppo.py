@@ -75,8 +75,8 @@ def run_ppo(config, task_runner_class) -> None:
         return _upstream_run_ppo(config, task_runner_class)
 
 
-@hydra.main(config_path=_UPSTREAM_CONFIG_DIR, config_name="ppo_trainer", version_base=None)
-def _hydra_main(config: DictConfig) -> None:
+def run_with_config(config: DictConfig) -> None:
+    """Run a composed config as `python -m verl.trainer.main_ppo` does (recipe entry points call this)."""
     trainer_cls_path = config.get(TRAINER_CLS_KEY)
     if trainer_cls_path:
         trainer_cls = load_trainer_cls(trainer_cls_path)  # fail here, before Ray starts
@@ -86,6 +86,9 @@ def _hydra_main(config: DictConfig) -> None:
                 config.trainer.use_v1 = False
     # Upstream's body; its `run_ppo` is looked up in this module's namespace, so it reaches ours.
     _upstream_main_body(config)
+
+
+_hydra_main = hydra.main(config_path=_UPSTREAM_CONFIG_DIR, config_name="ppo_trainer", version_base=None)(run_with_config)
 
 
 def _accept_trainer_cls_override(argv: list[str]) -> list[str]:
