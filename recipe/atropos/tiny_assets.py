@@ -143,6 +143,54 @@ def build_model(vocab_size: int, seed: int, eos_token_id: int, pad_token_id: int
     return Qwen2ForCausalLM(config)
 
 
+def prompt_text(tokenizer, problem: ArithmeticProblem) -> str:
+    """The prompt as verl's RLHFDataset renders it: the chat template with a generation prompt."""
+    return tokenizer.apply_chat_template(
+        to_rl_row(problem, "train", 0)["prompt"], tokenize=False, add_generation_prompt=True
+    )
+
+
+def pretrain(model, tokenizer, problems: list[ArithmeticProblem], steps: int, seed: int, batch_size: int = 32, lr: float = 3e-3):
+    """A short supervised warm-up on the problems' solutions (loss on the response tokens only).
+
+    A random-init model never writes `#### N`, so every reward is 0 and GRPO has nothing to learn
+    from. About 200 steps (seconds on a CPU) give a model that answers in the right format and is
+    right about a third of the time when sampling: room for RL to show.
+    """
+    import torch
+
+    examples = []
+    for p in problems:
+        prompt_ids = tokenizer(prompt_text(tokenizer, p)).input_ids
+        examples.append((prompt_ids, tokenizer(p.solution + tokenizer.eos_token).input_ids))
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # deterministic, and faster than two threads for a model this small
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    try:
+        for _ in range(steps):
+            batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
+            length = max(len(a) + len(b) for a, b in batch)
+            input_ids = torch.full((batch_size, length), tokenizer.pad_token_id)
+            labels = torch.full((batch_size, length), -100)
+            attention_mask = torch.zeros(batch_size, length, dtype=torch.long)
+            for i, (prompt_ids, response_ids) in enumerate(batch):
+                ids = prompt_ids + response_ids
+                input_ids[i, : len(ids)] = torch.tensor(ids)
+                attention_mask[i, : len(ids)] = 1
+                labels[i, len(prompt_ids) : len(ids)] = torch.tensor(response_ids)
+            loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    return model
+
+
 @dataclasses.dataclass(frozen=True)
 class TinyAssets:
     model_dir: Path
@@ -150,13 +198,20 @@ class TinyAssets:
     test_file: Path
 
 
-def build_assets(out_dir: str | os.PathLike, num_train: int = 512, num_test: int = 64, seed: int = 0) -> TinyAssets:
-    """Write the tokenizer + model folder and the two parquet files under `out_dir`."""
+def build_assets(
+    out_dir: str | os.PathLike, num_train: int = 512, num_test: int = 64, seed: int = 0, pretrain_steps: int = 0
+) -> TinyAssets:
+    """Write the tokenizer + model folder and the two parquet files under `out_dir`.
+
+    `pretrain_steps` > 0 warms the model up on the training problems (see `pretrain`).
+    """
     out = Path(out_dir)
     train, test = make_problems(num_train, seed), make_problems(num_test, seed + 1)
     model_dir = out / "model"
     tokenizer = build_tokenizer(train)
     model = build_model(len(tokenizer), seed, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    if pretrain_steps:
+        pretrain(model, tokenizer, train, pretrain_steps, seed)
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     model.generation_config.save_pretrained(model_dir)
@@ -173,8 +228,11 @@ def main() -> None:
     parser.add_argument("--num-train", type=int, default=512, help="training problems (default: %(default)s)")
     parser.add_argument("--num-test", type=int, default=64, help="test problems (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of data and weights (default: %(default)s)")
+    parser.add_argument(
+        "--pretrain-steps", type=int, default=200, help="supervised warm-up steps, 0 for random weights (default: %(default)s)"
+    )
     args = parser.parse_args()
-    assets = build_assets(args.out, args.num_train, args.num_test, args.seed)
+    assets = build_assets(args.out, args.num_train, args.num_test, args.seed, args.pretrain_steps)
     print(f"model: {assets.model_dir}\ntrain: {assets.train_file}\ntest:  {assets.test_file}")
 
 
