@@ -49,9 +49,14 @@ def media_type(header_value: str | None) -> str:
 
 def accepts_msgpack(accept_header: str | None) -> bool:
     """True when an ``Accept`` header lists msgpack (any q > 0)."""
-    for part in (accept_header or "").split(","):
+    return header_lists(accept_header, MSGPACK)
+
+
+def header_lists(header_value: str | None, token: str) -> bool:
+    """True when a negotiation header (``Accept``, ``Accept-Encoding``) lists `token` with q > 0."""
+    for part in (header_value or "").split(","):
         fields = [f.strip() for f in part.split(";")]
-        if fields[0].lower() != MSGPACK:
+        if fields[0].lower() != token:
             continue
         q = next((f[2:] for f in fields[1:] if f.startswith("q=")), "1")
         try:

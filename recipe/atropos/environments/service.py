@@ -318,16 +318,7 @@ def decode_body(body: bytes, content_type: str | None, content_encoding: str | N
 
 
 def _accepts_gzip(accept_encoding: str | None) -> bool:
-    for part in (accept_encoding or "").split(","):
-        fields = [f.strip() for f in part.split(";")]
-        if fields[0].lower() != "gzip":
-            continue
-        q = next((f[2:] for f in fields[1:] if f.startswith("q=")), "1")
-        try:
-            return float(q) > 0
-        except ValueError:
-            return False
-    return False
+    return wire.header_lists(accept_encoding, "gzip")
 
 
 @dataclasses.dataclass
