@@ -1,0 +1,149 @@
+"""Reading a run's metrics (verl's file logger JSONL): per-step lines, a summary, and the reward plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Iterator
+
+REWARD = "critic/score/mean"  # verl's mean sequence score: the environment-independent reward
+ACCURACY = "atropos/env/accuracy"
+FALLBACK = "atropos/fallback"
+# The per-step timing breakdown, as verl (timing_s/...) and the trainer (atropos/...) log it.
+TIMING_KEYS = {
+    "generation": "timing_s/gen",
+    "old log-prob": "timing_s/old_log_prob",
+    "advantage": "timing_s/adv",
+    "actor update": "timing_s/update_actor",
+    "weight sync": "timing_s/update_weights",
+    "environment call": "atropos/api_latency_s",
+    "waited for environment": "atropos/wait_s",
+    "step": "timing_s/step",
+}
+
+
+def read_steps(path: str | Path) -> list[dict]:
+    """Training steps of a verl file-logger JSONL, in order (validation-only lines are skipped)."""
+    steps = {}
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        data = record["data"]
+        if REWARD in data or "timing_s/step" in data:
+            steps[record["step"]] = {"step": record["step"], **data}
+    return [steps[k] for k in sorted(steps)]
+
+
+class StepFollower:
+    """Yields the training steps a growing metrics file gains since the last call."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._offset = 0
+
+    def new_steps(self) -> Iterator[dict]:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete, _, _ = chunk.rpartition(b"\n")
+        if not complete:
+            return
+        self._offset += len(complete) + 1
+        for line in complete.decode().splitlines():
+            record = json.loads(line)
+            if REWARD in record["data"]:
+                yield {"step": record["step"], **record["data"]}
+
+
+def format_step(step: dict, total_steps: int | None = None) -> str:
+    of = f"/{total_steps}" if total_steps else ""
+    parts = [f"step {step['step']:>3}{of}", f"reward {step.get(REWARD, float('nan')):.3f}"]
+    if ACCURACY in step:
+        parts.append(f"accuracy {step[ACCURACY]:.3f}")
+    if FALLBACK in step:
+        parts.append("fallback GRPO" if step[FALLBACK] else "env advantages")
+    if "timing_s/step" in step:
+        parts.append(f"{step['timing_s/step']:.2f}s")
+    return " | ".join(parts)
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSummary:
+    steps: int
+    reward_first: float  # mean over the first `window` steps
+    reward_last: float  # mean over the last `window` steps
+    accuracy_first: float
+    accuracy_last: float
+    fallback_steps: int
+    timing_s: dict[str, float]  # mean per step, after the first step (which includes warm-up)
+    window: int
+
+    @property
+    def improved(self) -> bool:
+        return self.reward_last > self.reward_first
+
+    def lines(self) -> list[str]:
+        out = [
+            f"steps: {self.steps}, fell back to GRPO on {self.fallback_steps}",
+            f"reward   first {self.window}: {self.reward_first:.3f}  last {self.window}: {self.reward_last:.3f}"
+            f"  ({'improved' if self.improved else 'did not improve'})",
+            f"accuracy first {self.window}: {self.accuracy_first:.3f}  last {self.window}: {self.accuracy_last:.3f}",
+            "mean seconds per step (after the first): "
+            + ", ".join(f"{name} {value:.3f}" for name, value in self.timing_s.items() if not math.isnan(value)),
+        ]
+        return out
+
+
+def summarize(steps: list[dict], window: int = 5) -> RunSummary:
+    if not steps:
+        raise ValueError("no training step was logged")
+    first, last = steps[:window], steps[-window:]
+    warm = steps[1:] or steps
+    return RunSummary(
+        steps=len(steps),
+        reward_first=_mean([s.get(REWARD) for s in first]),
+        reward_last=_mean([s.get(REWARD) for s in last]),
+        accuracy_first=_mean([s.get(ACCURACY) for s in first]),
+        accuracy_last=_mean([s.get(ACCURACY) for s in last]),
+        fallback_steps=int(sum(s.get(FALLBACK, 0) for s in steps)),
+        timing_s={name: _mean([s.get(key) for s in warm]) for name, key in TIMING_KEYS.items()},
+        window=window,
+    )
+
+
+def plot_reward(steps: list[dict], path: str | Path) -> Path:
+    """Reward (and accuracy, when the environment reports it) per step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = [s["step"] for s in steps]
+    ax.plot(x, [s.get(REWARD, float("nan")) for s in steps], marker="o", label="reward (mean score)")
+    if any(ACCURACY in s for s in steps):
+        ax.plot(x, [s.get(ACCURACY, float("nan")) for s in steps], marker=".", label="accuracy (environment)")
+    fallback = [s["step"] for s in steps if s.get(FALLBACK)]
+    if fallback:
+        ax.scatter(fallback, [0] * len(fallback), marker="x", color="red", label="fell back to GRPO")
+    ax.set_xlabel("training step")
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_title("GRPO with environment advantages")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
