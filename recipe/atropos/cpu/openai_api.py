@@ -1,0 +1,220 @@
+"""OpenAI-compatible HTTP API over a `PolicyService`: `/v1/completions`, `/v1/models`, `/health`.
+
+Environments (Atropos-style) sample from the policy being trained through this API while verl's
+agent loop talks to the same service over Ray. `/v1/completions` takes the prompt as text, token
+ids, or a list of either; `max_tokens`, `temperature`, `top_p`, `top_k`, `n`, `seed`, `logprobs`
+(top-N per position), `echo` (prompt tokens and their log-probs first; with `max_tokens: 0` this
+scores a fixed text), `stop` (strings), and vLLM's `return_token_ids`. Answers have OpenAI's shape.
+No streaming, no chat endpoint.
+
+Standalone (no trainer; serves a checkpoint folder):
+
+    python -m recipe.atropos.cpu.openai_api --model outputs/assets/model --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from recipe.atropos.cpu.hf_generation import FINISH_STOP, Completion, SamplingSettings
+from recipe.atropos.cpu.policy_service import PolicyService
+
+LOOPBACK_HOST = "127.0.0.1"
+MAX_TOP_LOGPROBS = 20
+
+
+class CompletionRequest(BaseModel):
+    """The fields of OpenAI's completions request this server honours (others are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int = Field(default=16, ge=0)
+    temperature: float = Field(default=1.0, ge=0.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    n: int = Field(default=1, ge=1, le=128)
+    seed: int | None = None
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    stop: str | list[str] | None = None
+    repetition_penalty: float = Field(default=1.0, gt=0.0)
+    stream: bool = False
+    return_token_ids: bool = False
+
+
+def build_app(service: PolicyService) -> FastAPI:
+    app = FastAPI(title="verl HF rollout (OpenAI-compatible)")
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "global_steps": service.global_steps, "weight_version": service.weight_version}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "verl-hf-rollout"}],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest) -> dict[str, Any]:
+        if request.stream:
+            raise HTTPException(status_code=400, detail="stream=true is not supported")
+        if request.max_tokens == 0 and not request.echo:
+            raise HTTPException(status_code=400, detail="max_tokens=0 needs echo=true (scoring the prompt)")
+        prompts = _prompt_token_ids(service.tokenizer, request.prompt)
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise HTTPException(status_code=400, detail="empty prompt")
+        too_long = [len(p) for p in prompts if len(p) >= service.generator.max_model_len and request.max_tokens > 0]
+        if too_long:
+            raise HTTPException(
+                status_code=400,
+                detail=f"prompt of {too_long[0]} tokens fills the context ({service.generator.max_model_len})",
+            )
+        settings = SamplingSettings(
+            max_tokens=max(request.max_tokens, 1),
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k,
+            repetition_penalty=request.repetition_penalty,
+            seed=request.seed,
+            top_logprobs=request.logprobs or 0,
+        )
+        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        choices = []
+        usage_completion = 0
+        for prompt_index, prompt in enumerate(prompts):
+            if request.max_tokens == 0:
+                samples = [Completion(token_ids=[], log_probs=[], finish_reason="length")] * request.n
+            else:
+                samples = await service.generate([prompt] * request.n, settings)
+            echo = await service.prompt_logprobs(prompt, request.logprobs or 0) if request.echo else None
+            for sample_index, sample in enumerate(samples):
+                sample = _cut_at_stop(service.tokenizer, sample, stops)
+                usage_completion += len(sample.token_ids)
+                choices.append(
+                    _choice(service.tokenizer, request, prompt_index * request.n + sample_index, prompt, sample, echo)
+                )
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": request.model or service.model_name,
+            "choices": choices,
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": usage_completion,
+                "total_tokens": prompt_tokens + usage_completion,
+            },
+        }
+
+    return app
+
+
+def _prompt_token_ids(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    if isinstance(prompt, str):
+        return [tokenizer(prompt)["input_ids"]]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _cut_at_stop(tokenizer: Any, sample: Completion, stops: list[str]) -> Completion:
+    """The shortest prefix of `sample` whose text contains a stop string (OpenAI's `stop`)."""
+    if not stops:
+        return sample
+    for length in range(1, len(sample.token_ids) + 1):
+        text = tokenizer.decode(sample.token_ids[:length], skip_special_tokens=True)
+        if any(stop in text for stop in stops):
+            return Completion(
+                token_ids=sample.token_ids[:length],
+                log_probs=sample.log_probs[:length],
+                finish_reason=FINISH_STOP,
+                top_logprobs=sample.top_logprobs[:length],
+            )
+    return sample
+
+
+def _text_before_stop(text: str, stops: list[str]) -> str:
+    cuts = [text.find(stop) for stop in stops if stop in text]
+    return text[: min(cuts)] if cuts else text
+
+
+def _choice(
+    tokenizer: Any,
+    request: CompletionRequest,
+    index: int,
+    prompt: list[int],
+    sample: Completion,
+    echo: tuple[list[float | None], list[dict[int, float] | None]] | None,
+) -> dict[str, Any]:
+    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    completion_text = _text_before_stop(tokenizer.decode(sample.token_ids, skip_special_tokens=True), stops)
+    tokens = list(sample.token_ids)
+    token_logprobs: list[float | None] = list(sample.log_probs)
+    top: list[dict[int, float] | None] = list(sample.top_logprobs) or [None] * len(tokens)
+    text = completion_text
+    if echo is not None:
+        prompt_text = tokenizer.decode(prompt, skip_special_tokens=True)
+        text = prompt_text + completion_text
+        tokens = prompt + tokens
+        token_logprobs = echo[0] + token_logprobs
+        top = echo[1] + top
+    choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": sample.finish_reason}
+    if request.logprobs is not None:
+        token_strings = [tokenizer.decode([t]) for t in tokens]
+        offsets, position = [], 0
+        for token_string in token_strings:
+            offsets.append(position)
+            position += len(token_string)
+        choice["logprobs"] = {
+            "tokens": token_strings,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": [
+                None if entry is None else {tokenizer.decode([t]): lp for t, lp in entry.items()} for entry in top
+            ]
+            if request.logprobs > 0
+            else None,
+            "text_offset": offsets,
+        }
+    if request.return_token_ids:
+        choice["prompt_token_ids"] = prompt
+        choice["token_ids"] = list(sample.token_ids)
+    return choice
+
+
+def main() -> None:
+    import uvicorn
+    from transformers import AutoTokenizer
+
+    from recipe.atropos.cpu.hf_generation import HFGenerator
+    from recipe.atropos.cpu.threads import set_torch_threads
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="Hugging Face model folder (weights + tokenizer)")
+    parser.add_argument("--host", default=LOOPBACK_HOST, help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=8001, help="port (default: %(default)s)")
+    parser.add_argument("--served-model-name", default=None, help="model id to report (default: the folder)")
+    parser.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    args = parser.parse_args()
+
+    set_torch_threads()
+    service = PolicyService(
+        HFGenerator.from_pretrained(args.model, max_model_len=args.max_model_len),
+        AutoTokenizer.from_pretrained(args.model),
+        args.served_model_name or args.model,
+    )
+    uvicorn.run(build_app(service), host=args.host, port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
