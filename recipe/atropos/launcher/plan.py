@@ -1,0 +1,292 @@
+"""One launch, made concrete: every service's command, environment, port and health URL, in order.
+
+The plan is built before anything starts, so that ``--dry-run`` prints exactly what a real launch
+would do, and so that every config mistake that can be found without starting a process (ports
+that collide, too few GPU ids, a missing model) stops the launch before the first process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recipe.atropos.launcher.config import LauncherConfig, LauncherConfigError, override_key
+
+__all__ = ["LaunchPlan", "Registration", "ServiceSpec", "build_plan", "format_plan", "REPO_ROOT"]
+
+# The repo root: its verl/ overlay must come first on every child's sys.path.
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+# Environment variables whose values the plan never prints.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
+_WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One process to start. ``health_url`` None: nothing to wait for (the trainer)."""
+
+    name: str
+    role: str  # "environment", "inference" or "trainer"
+    argv: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)  # added to the launcher's environment
+    host: str | None = None
+    port: int | None = None
+    health_url: str | None = None
+    start_timeout_s: float = 0.0
+    config_key: str = ""  # where it is configured, for error messages
+
+    @property
+    def base_url(self) -> str | None:
+        """``http://host:port`` that clients on this machine use (a wildcard bind becomes loopback)."""
+        if self.port is None or self.host is None:
+            return None
+        return f"http://{connect_host(self.host)}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One ``POST /register_inference_endpoint`` made after the workers are healthy."""
+
+    worker: str
+    base_url: str
+    model: str
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything a launch does, in order: environment, inference workers, registrations, trainer."""
+
+    config: LauncherConfig
+    config_file: Path
+    run_dir: Path
+    workdir: Path
+    environment: ServiceSpec
+    inference: tuple[ServiceSpec, ...]
+    registrations: tuple[Registration, ...]
+    trainer: ServiceSpec
+    env_api_key: str | None
+    base_env: dict[str, str]
+
+    @property
+    def services(self) -> tuple[ServiceSpec, ...]:
+        """In start order."""
+        return (self.environment, *self.inference, self.trainer)
+
+    def child_env(self, spec: ServiceSpec) -> dict[str, str]:
+        """The full environment of ``spec``'s process."""
+        return {**self.base_env, **spec.env}
+
+
+def connect_host(host: str) -> str:
+    """Address to reach a server bound to ``host`` from this machine (wildcards: loopback)."""
+    if host in _WILDCARD_HOSTS:
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def build_plan(
+    cfg: LauncherConfig,
+    config_file: Path,
+    overrides: Sequence[str],
+    *,
+    run_dir: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> LaunchPlan:
+    """Turn the launcher section and the command line into concrete commands (starts nothing)."""
+    environ = dict(os.environ if environ is None else environ)
+    config_file = Path(config_file).resolve()
+    workdir = Path(cfg.workdir).resolve() if cfg.workdir else Path.cwd()
+    if run_dir is None:
+        run_dir = Path(cfg.run_dir) if cfg.run_dir else Path(cfg.log_dir) / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = (workdir / run_dir).resolve()
+    common = {
+        "python": sys.executable,
+        "run_dir": str(run_dir),
+        "config_dir": str(config_file.parent),
+        "config_name": config_file.stem,
+    }
+
+    env_cfg = cfg.environment
+    api_key = env_cfg.api_key or environ.get("ATROPOS_ENV_API_KEY") or environ.get("ATROPOS_API_KEY") or None
+    environment = ServiceSpec(
+        name="environment",
+        role="environment",
+        argv=_expand(env_cfg.command, {**common, "host": env_cfg.host, "port": str(env_cfg.port)}),
+        env={**env_cfg.env, **({"ATROPOS_ENV_API_KEY": api_key} if api_key else {})},
+        host=env_cfg.host,
+        port=env_cfg.port,
+        health_url=f"http://{connect_host(env_cfg.host)}:{env_cfg.port}{env_cfg.health_path}",
+        start_timeout_s=env_cfg.start_timeout_s,
+        config_key="launcher.environment",
+    )
+
+    inference, registrations = _inference_services(cfg, common)
+
+    trainer_cfg = cfg.trainer
+    trainer_argv = list(_expand(trainer_cfg.command, common))
+    if trainer_cfg.pass_config:
+        trainer_argv += ["--config-path", str(config_file.parent), "--config-name", config_file.stem, *overrides]
+    key = trainer_cfg.api_url_override
+    if key and not any(override_key(o) == key for o in overrides):
+        trainer_argv.append(f"{key}={environment.base_url}")
+    trainer_env = dict(trainer_cfg.env)
+    if api_key and "ATROPOS_API_KEY" not in environ:
+        trainer_env["ATROPOS_API_KEY"] = api_key
+    trainer = ServiceSpec(
+        name="trainer", role="trainer", argv=tuple(trainer_argv), env=trainer_env, config_key="launcher.trainer"
+    )
+
+    _check_ports_distinct((environment, *inference))
+    return LaunchPlan(
+        config=cfg,
+        config_file=config_file,
+        run_dir=run_dir,
+        workdir=workdir,
+        environment=environment,
+        inference=inference,
+        registrations=registrations,
+        trainer=trainer,
+        env_api_key=api_key,
+        base_env=_base_env(environ),
+    )
+
+
+def _inference_services(
+    cfg: LauncherConfig, common: Mapping[str, str]
+) -> tuple[tuple[ServiceSpec, ...], tuple[Registration, ...]]:
+    """The inference workers and their registrations (none unless ``launcher.inference.enabled``)."""
+    inf = cfg.inference
+    if not inf.enabled:
+        return (), ()
+    if not inf.model:
+        raise LauncherConfigError(
+            "launcher.inference.model is not set (and the config has no actor_rollout_ref.model.path to default to)"
+        )
+    if inf.ports is not None and len(inf.ports) != inf.count:
+        raise LauncherConfigError(
+            f"launcher.inference.ports lists {len(inf.ports)} port(s) for launcher.inference.count={inf.count} workers"
+        )
+    ports = list(inf.ports) if inf.ports is not None else [inf.base_port + i for i in range(inf.count)]
+    if max(ports) > 65535:
+        raise LauncherConfigError(f"launcher.inference.base_port={inf.base_port} + count={inf.count} passes port 65535")
+    gpu_ids = list(inf.gpu_ids) if inf.gpu_ids is not None else list(range(inf.count * inf.gpus_per_worker))
+    if len(gpu_ids) < inf.count * inf.gpus_per_worker:
+        raise LauncherConfigError(
+            f"launcher.inference.gpu_ids has {len(gpu_ids)} id(s); count={inf.count} x "
+            f"gpus_per_worker={inf.gpus_per_worker} needs {inf.count * inf.gpus_per_worker}"
+        )
+    served = inf.served_model_name or inf.model
+    workers: list[ServiceSpec] = []
+    registrations: list[Registration] = []
+    for index, port in enumerate(ports):
+        values = {
+            **common,
+            "host": inf.host,
+            "port": str(port),
+            "index": str(index),
+            "model": inf.model,
+            "served_model_name": served,
+            "gpus_per_worker": str(inf.gpus_per_worker),
+            "tensor_parallel_size": str(max(1, inf.gpus_per_worker)),
+        }
+        env = dict(inf.env)
+        if inf.gpus_per_worker > 0:
+            mine = gpu_ids[index * inf.gpus_per_worker : (index + 1) * inf.gpus_per_worker]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, mine))
+        worker = ServiceSpec(
+            name=f"inference-{index}",
+            role="inference",
+            argv=_expand(inf.command, values) + _expand(inf.extra_args, values),
+            env=env,
+            host=inf.host,
+            port=port,
+            health_url=f"http://{connect_host(inf.host)}:{port}{inf.health_path}",
+            start_timeout_s=inf.start_timeout_s,
+            config_key="launcher.inference",
+        )
+        workers.append(worker)
+        if inf.register:
+            registrations.append(Registration(worker.name, f"{worker.base_url}/v1", served, inf.api_key))
+    return tuple(workers), tuple(registrations)
+
+
+def _expand(words: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
+    """Fill ``{name}`` placeholders (known names only: other braces, e.g. JSON, stay as written)."""
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
+    out = [pattern.sub(lambda m: values[m.group(1)], word) for word in words]
+    if out and out[0] in ("python", "python3"):
+        out[0] = sys.executable  # the launcher's interpreter: the same virtual environment
+    return tuple(out)
+
+
+def _base_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """The launcher's environment, with the repo root first on PYTHONPATH (the verl overlay)."""
+    env = dict(environ)
+    rest = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and Path(p).resolve() != REPO_ROOT]
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *rest])
+    env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they happen
+    return env
+
+
+def _check_ports_distinct(services: Sequence[ServiceSpec]) -> None:
+    seen: dict[int, ServiceSpec] = {}
+    for spec in services:
+        if spec.port is None:
+            continue
+        if spec.port in seen:
+            other = seen[spec.port]
+            raise LauncherConfigError(
+                f"port {spec.port} is configured for both {other.name} ({other.config_key}) and "
+                f"{spec.name} ({spec.config_key})"
+            )
+        seen[spec.port] = spec
+
+
+def format_plan(plan: LaunchPlan) -> str:
+    """What ``--dry-run`` prints: the order, each command, its port and health URL, the logs."""
+    lines = [
+        f"config:  {plan.config_file}",
+        f"run dir: {plan.run_dir}  (one <service>.log per service; not created by --dry-run)",
+        f"workdir: {plan.workdir}",
+        "",
+    ]
+    step = 0
+
+    def describe(spec: ServiceSpec, what: str) -> None:
+        nonlocal step
+        step += 1
+        lines.append(f"{step}. start {spec.name} ({what})")
+        lines.append(f"   command: {shlex.join(spec.argv)}")
+        if spec.env:
+            shown = {k: ("***" if _SECRET_NAME.search(k) else v) for k, v in sorted(spec.env.items())}
+            lines.append("   env:     " + " ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()))
+        if spec.port is not None:
+            lines.append(f"   listens: {spec.host}:{spec.port}")
+        if spec.health_url:
+            lines.append(f"   wait:    GET {spec.health_url} answers 200 (timeout {spec.start_timeout_s:g} s)")
+        lines.append(f"   log:     {plan.run_dir / (spec.name + '.log')}")
+
+    env_cfg = plan.config.environment
+    describe(
+        plan.environment,
+        f"restarted up to {env_cfg.max_restarts} time(s) in a row if it dies, "
+        f"backoff {env_cfg.restart_backoff_s:g} s doubling",
+    )
+    for worker in plan.inference:
+        describe(worker, "inference worker; its exit ends the run")
+    for reg in plan.registrations:
+        step += 1
+        lines.append(
+            f"{step}. POST {plan.environment.base_url}/register_inference_endpoint "
+            f"base_url={reg.base_url} model={reg.model} (404: not supported, go on)"
+        )
+    describe(plan.trainer, "its exit ends the run with its exit code")
+    return "\n".join(lines)

@@ -1,0 +1,241 @@
+"""Run a launch plan: start in order, register endpoints, supervise, and always clean up.
+
+Order: environment service (wait for its health), inference workers (wait for all), register each
+worker with the service, trainer. Then, until the trainer exits: a dead environment service is
+restarted (:mod:`.restart`), a dead inference worker ends the run (the environment's judge or tool
+calls would fail from then on, silently degrading training). Whatever ends the run, an exception,
+the trainer's exit, SIGINT or SIGTERM, every process tree started here is stopped in ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+from recipe.atropos.launcher.console import LogEcho
+from recipe.atropos.launcher.health import LaunchError, check_ports_free, wait_until_healthy
+from recipe.atropos.launcher.plan import LaunchPlan, ServiceSpec
+from recipe.atropos.launcher.process import ManagedProcess, terminate_all
+from recipe.atropos.launcher.restart import EnvironmentKeeper
+
+__all__ = ["Interrupted", "Launcher", "STATE_FILE"]
+
+logger = logging.getLogger("atropos.launcher")
+
+# Written in the run folder after every start, restart and exit: what runs, with which pid.
+STATE_FILE = "services.json"
+
+
+class Interrupted(BaseException):
+    """SIGINT, SIGTERM or SIGHUP arrived: unwind to the cleanup (a BaseException, like Ctrl-C)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Launcher:
+    """Starts and supervises the services of one :class:`LaunchPlan`. Use :meth:`run` once.
+
+    Install :meth:`handle_signal` as the handler of SIGINT/SIGTERM/SIGHUP: it raises
+    :class:`Interrupted` in the main thread, except inside a critical section (starting a process:
+    an interruption between fork and recording the pid would leave it unknown, so unkillable),
+    where the signal is held until the section ends.
+    """
+
+    def __init__(self, plan: LaunchPlan, *, console: bool = False) -> None:
+        self.plan = plan
+        self.echo = LogEcho() if console else None
+        self.processes: dict[str, ManagedProcess] = {}
+        self.keeper: EnvironmentKeeper | None = None
+        self.stopping = False
+        self._log_handler: logging.Handler | None = None
+        self._in_critical_section = False
+        self._pending_signal: int | None = None
+
+    def handle_signal(self, signum: int, _frame: FrameType | None) -> None:
+        """Signal handler: stop the run (see the class docstring)."""
+        if self.stopping:
+            logger.info("%s received while stopping: still stopping", signal.Signals(signum).name)
+        elif self._in_critical_section:
+            self._pending_signal = signum
+        else:
+            raise Interrupted(signum)
+
+    @contextmanager
+    def _critical_section(self) -> Iterator[None]:
+        self._in_critical_section = True
+        try:
+            yield
+        finally:
+            self._in_critical_section = False
+            if self._pending_signal is not None and not self.stopping:
+                raise Interrupted(self._pending_signal)
+
+    # ---- the run ------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Launch and supervise; returns the trainer's exit code. Raises :class:`LaunchError`."""
+        try:
+            # Before anything is created or started: a taken port fails the launch here.
+            check_ports_free([s for s in self.plan.services if s.port is not None])
+            self._open_run_dir()
+            self._start_environment()
+            self._start_inference()
+            self._register_endpoints(initial=True)
+            trainer = self._start(self.plan.trainer)
+            logger.info("trainer started (pid %s); its log: %s", trainer.pid, trainer.log_path)
+            return self._supervise(trainer)
+        finally:
+            self.shutdown()
+
+    def _start_environment(self) -> None:
+        proc = self._start(self.plan.environment)
+        logger.info("environment service started (pid %s), waiting for %s", proc.pid, proc.spec.health_url)
+        wait_until_healthy([proc], self.plan.environment.start_timeout_s, self.plan.config.progress_interval_s)
+        self.keeper = EnvironmentKeeper(
+            proc,
+            self.plan.config.environment,
+            grace_s=self.plan.config.shutdown_grace_s,
+            progress_interval_s=self.plan.config.progress_interval_s,
+            on_healthy=lambda: self._register_endpoints(initial=False),
+            on_change=self._write_state,
+            start=lambda: self._restart(proc),
+        )
+
+    def _start_inference(self) -> None:
+        if not self.plan.inference:
+            return
+        workers = [self._start(spec) for spec in self.plan.inference]
+        names = ", ".join(f"{w.name} (pid {w.pid}, port {w.spec.port})" for w in workers)
+        logger.info("inference workers started: %s; waiting for their health", names)
+        wait_until_healthy(workers, self.plan.inference[0].start_timeout_s, self.plan.config.progress_interval_s)
+
+    def _register_endpoints(self, *, initial: bool) -> None:
+        """POST every worker to ``/register_inference_endpoint``; a 404 means "not supported"."""
+        if not self.plan.registrations:
+            return
+        from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient  # numpy: only when needed
+
+        with AtroposEnvironmentClient(
+            self.plan.environment.base_url or "",
+            timeout=10.0,
+            retry_attempts=3,
+            retry_delay=0.5,
+            max_wait_time=30.0,
+            api_key=self.plan.env_api_key,
+            encoding="json",
+        ) as client:
+            for reg in self.plan.registrations:
+                try:
+                    supported = client.register_inference_endpoint(reg.base_url, reg.model, reg.api_key)
+                except AtroposAPIError as exc:
+                    message = f"registering {reg.worker} ({reg.base_url}) with the environment service failed: {exc}"
+                    if initial:
+                        raise LaunchError(message) from exc
+                    logger.warning("%s; going on without it", message)
+                    return
+                if not supported:
+                    logger.info(
+                        "the environment service does not support /register_inference_endpoint (404): "
+                        "inference workers not registered, going on"
+                    )
+                    return
+                logger.info(
+                    "registered %s (%s, model %s) with the environment service", reg.worker, reg.base_url, reg.model
+                )
+
+    def _supervise(self, trainer: ManagedProcess) -> int:
+        poll_s = self.plan.config.poll_interval_s
+        workers = [self.processes[s.name] for s in self.plan.inference]
+        while True:
+            code = trainer.poll()
+            if code is not None:
+                self._write_state()
+                logger.info("trainer exited with code %s: ending the run", code)
+                return code if code >= 0 else 128 - code
+            for worker in workers:
+                worker_code = worker.poll()
+                if worker_code is not None:
+                    self._write_state()
+                    raise LaunchError(
+                        f"inference worker {worker.name} exited with code {worker_code}: ending the run; "
+                        f"last lines of {worker.log_path}:\n{worker.tail()}"
+                    )
+            if self.keeper is not None:
+                self.keeper.tick()
+            time.sleep(poll_s)
+
+    # ---- processes, state and logs ------------------------------------------------------
+
+    def _open_run_dir(self) -> None:
+        self.plan.run_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.plan.run_dir / "launcher.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s launcher %(levelname)s: %(message)s"))
+        logging.getLogger("atropos.launcher").addHandler(handler)
+        self._log_handler = handler
+        logger.info("run folder: %s", self.plan.run_dir)
+
+    def _start(self, spec: ServiceSpec) -> ManagedProcess:
+        log_path = self.plan.run_dir / f"{spec.name}.log"
+        proc = ManagedProcess(spec, log_path, self.plan.child_env(spec), self.plan.workdir)
+        self.processes[spec.name] = proc
+        with self._critical_section():
+            proc.start()
+        if self.echo is not None:
+            self.echo.follow(spec.name, proc.log_path)
+        self._write_state()
+        return proc
+
+    def _restart(self, proc: ManagedProcess) -> None:
+        with self._critical_section():
+            proc.start()
+
+    def _write_state(self) -> None:
+        """``services.json``: pid, port and status of every service (for people and for tests)."""
+        if not self.plan.run_dir.is_dir():
+            return
+        services = {}
+        for name, proc in self.processes.items():
+            code = proc.poll()
+            services[name] = {
+                "pid": proc.pid,
+                "status": "running" if code is None else f"exited {code}",
+                "port": proc.spec.port,
+                "url": proc.spec.base_url,
+                "log": str(proc.log_path),
+                "starts": proc.starts,
+            }
+        if self.keeper is not None:
+            services["environment"]["restart_state"] = self.keeper.state
+            services["environment"]["restarts"] = self.keeper.restarts
+        state = {"launcher_pid": os.getpid(), "stopping": self.stopping, "services": services}
+        path = self.plan.run_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, path)
+
+    def shutdown(self) -> None:
+        """Stop every process tree started here (SIGTERM, grace period, SIGKILL). Idempotent."""
+        if self.stopping:
+            return
+        self.stopping = True
+        running = [p for p in self.processes.values() if p.popen is not None]
+        if running:
+            alive = [p.name for p in running if p.running()]
+            if alive:
+                logger.info("stopping %s", ", ".join(reversed(alive)))
+            terminate_all(reversed(running), self.plan.config.shutdown_grace_s)
+        self._write_state()
+        if self.echo is not None:
+            self.echo.stop()
+        if self._log_handler is not None:
+            logging.getLogger("atropos.launcher").removeHandler(self._log_handler)
+            self._log_handler.close()
+
