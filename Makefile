@@ -33,8 +33,12 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import verl, os; assert 'site-packages' in verl.__path__[-1], verl.__path__"
 	touch $(STAMP)
 
+# Ray listens on every interface: where this user may (root with util-linux `unshare`), the demo
+# runs in a network namespace that has only loopback. Elsewhere it runs as it is.
+LOOPBACK_ONLY := $(shell [ "$$(id -u)" = 0 ] && unshare -n true 2>/dev/null && echo "unshare -n sh -c 'ip link set lo up && exec \"\$$0\" \"\$$@\"'")
+
 demo: install
-	$(PY) -m recipe.atropos.demo $(ARGS)
+	$(LOOPBACK_ONLY) $(PY) -m recipe.atropos.demo $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
