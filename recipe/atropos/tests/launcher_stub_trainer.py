@@ -11,6 +11,8 @@ the launcher owns the command line:
 - ``STUB_TRAINER_EXIT_CODE``: exit code when done (default 0).
 - ``STUB_TRAINER_SPAWN_CHILDREN=1``: start two sleeping children, one in a session of its own,
   so that tests can check the launcher stops a whole process tree.
+- ``STUB_TRAINER_COMPLETE=<prompt>``: also ask the inference endpoint the service has registered
+  for a completion of that prompt (an environment calling the policy), and report the answer.
 """
 
 from __future__ import annotations
@@ -39,6 +41,19 @@ def main(argv: list[str]) -> int:
             report["health"] = answer.json()
         except (requests.RequestException, ValueError) as exc:
             report["error"] = f"{type(exc).__name__}: {exc}"
+    prompt = os.environ.get("STUB_TRAINER_COMPLETE")
+    if prompt and "health" in report:
+        endpoint = report["health"].get("inference_endpoint") or {}
+        try:
+            answer = requests.post(
+                f"{endpoint['base_url']}/completions",
+                json={"model": endpoint["model"], "prompt": prompt, "max_tokens": 8, "temperature": 0.0},
+                timeout=30,
+            )
+            report["completion_status"] = answer.status_code
+            report["completion"] = answer.json()
+        except (KeyError, requests.RequestException, ValueError) as exc:
+            report["completion_error"] = f"{type(exc).__name__}: {exc}"
     if os.environ.get("STUB_TRAINER_SPAWN_CHILDREN") == "1":
         sleeper = [sys.executable, "-c", "import time; time.sleep(300)"]
         report["children"] = [

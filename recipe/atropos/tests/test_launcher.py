@@ -187,6 +187,42 @@ def test_launch_starts_environment_workers_registers_them_and_runs_the_trainer(t
     assert all(port_is_free(p) for p in (env_port, p0, p1))
 
 
+@pytest.mark.timeout(180)
+def test_a_real_openai_compatible_worker_is_started_registered_and_answers(tmp_path, tiny_assets):
+    """The inference-worker path against a real OpenAI-compatible server: the CPU policy server.
+
+    vLLM's CPU build would need a virtual environment of its own (its transformers pin conflicts
+    with verl's) and 3.4 GB; the CPU rollout's server speaks the same API for the launcher.
+    """
+    env_port, worker_port = find_free_loopback_port(), find_free_loopback_port()
+    command = (
+        "[python,-m,recipe.atropos.cpu.openai_api,--model,'{model}',--host,'{host}',--port,'{port}',"
+        "--served-model-name,'{served_model_name}']"
+    )
+    launch = run_launcher(
+        tmp_path,
+        f"launcher.environment.port={env_port}",
+        "launcher.inference.enabled=true",
+        f"launcher.inference.ports=[{worker_port}]",
+        "launcher.inference.gpus_per_worker=0",
+        f"launcher.inference.model={tiny_assets.model_dir}",
+        "launcher.inference.served_model_name=tiny-policy",
+        "launcher.inference.start_timeout_s=120",
+        f"launcher.inference.command={command}",
+        STUB_TRAINER,
+        *FAST,
+        env={"STUB_TRAINER_COMPLETE": "Tom has 3 apples and gets 4 more."},
+        timeout_s=150,
+    )
+    assert launch.popen.returncode == 0, launch.stderr()
+    report = trainer_report(tmp_path)
+    endpoint = report["health"]["inference_endpoint"]
+    assert (endpoint["base_url"], endpoint["model"]) == (f"http://127.0.0.1:{worker_port}/v1", "tiny-policy")
+    assert report["completion_status"] == 200, report
+    assert report["completion"]["model"] == "tiny-policy" and report["completion"]["choices"][0]["text"]
+    assert_services_gone(launch)
+
+
 @pytest.mark.timeout(60)
 def test_trainer_exit_code_ends_the_run_and_console_shows_prefixed_output(tmp_path):
     env_port = find_free_loopback_port()
