@@ -29,7 +29,7 @@ from recipe.atropos.run_report import StepFollower, format_step, plot_reward, re
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "recipe/atropos/config/gsm8k_grpo_cpu.yaml"
 DEFAULT_STEPS = 30  # trainer.total_training_steps in gsm8k_grpo_cpu.yaml
-ASSET_SETTINGS = {"num_train": 512, "num_test": 64, "seed": 0, "pretrain_steps": 200}
+ASSET_SETTINGS = {"num_train": 512, "num_test": 64, "seed": 0, "pretrain_steps": 300}
 
 
 def ensure_assets(out: Path) -> Path:

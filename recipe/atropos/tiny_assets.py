@@ -150,20 +150,39 @@ def prompt_text(tokenizer, problem: ArithmeticProblem) -> str:
     )
 
 
-def pretrain(model, tokenizer, problems: list[ArithmeticProblem], steps: int, seed: int, batch_size: int = 32, lr: float = 3e-3):
+def warmup_solution(problem: ArithmeticProblem, rng: random.Random, plain_answer_fraction: float) -> str:
+    """The solution the warm-up teaches: GSM8K's `#### N` ending, or (sometimes) `The answer is N`."""
+    if rng.random() < plain_answer_fraction:
+        return problem.solution.rsplit("\n", 1)[0] + f"\nThe answer is {problem.answer}"
+    return problem.solution
+
+
+def pretrain(
+    model,
+    tokenizer,
+    problems: list[ArithmeticProblem],
+    steps: int,
+    seed: int,
+    batch_size: int = 32,
+    lr: float = 3e-3,
+    plain_answer_fraction: float = 0.5,
+):
     """A short supervised warm-up on the problems' solutions (loss on the response tokens only).
 
     A random-init model never writes `#### N`, so every reward is 0 and GRPO has nothing to learn
-    from. About 200 steps (seconds on a CPU) give a model that answers in the right format and is
-    right about a third of the time when sampling: room for RL to show.
+    from. A few hundred steps (seconds on a CPU) give a model that mostly gets the arithmetic right
+    but ends `plain_answer_fraction` of its solutions with "The answer is N", which GSM8K graders
+    (verl's and the environment's) cannot read: GRPO then has something clear to learn within a
+    few dozen steps, the answer format the environment rewards, as RL on real models does.
     """
     import torch
 
+    rng = random.Random(seed)
     examples = []
     for p in problems:
         prompt_ids = tokenizer(prompt_text(tokenizer, p)).input_ids
-        examples.append((prompt_ids, tokenizer(p.solution + tokenizer.eos_token).input_ids))
-    rng = random.Random(seed)
+        solution = warmup_solution(p, rng, plain_answer_fraction)
+        examples.append((prompt_ids, tokenizer(solution + tokenizer.eos_token).input_ids))
     torch.manual_seed(seed)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # deterministic, and faster than two threads for a model this small
