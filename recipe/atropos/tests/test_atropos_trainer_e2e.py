@@ -1,0 +1,131 @@
+"""RayGRPOAtroposTrainer end to end on CPU: verl's real trainer, the real environment service.
+
+Each test runs `python -m verl.trainer.main_ppo` with config/gsm8k_grpo_cpu.yaml (CPU mode, tiny
+model) as a subprocess, reads verl's metrics file as the run goes, and acts on the service.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from recipe.atropos.run_report import StepFollower, read_steps
+
+from .conftest import PYTHON, REPO_ROOT, repo_env
+from .fault_server import Fault, FaultInjectingServer
+from .servers import ServerProcess, find_free_loopback_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+SMALL_RUN = [
+    "data.train_batch_size=4",
+    "actor_rollout_ref.rollout.n=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
+    "trainer.atropos.retry_attempts=2",
+    "trainer.atropos.retry_delay=0.1",
+    "trainer.atropos.max_wait_time=5",
+    "+ray_kwargs.ray_init.include_dashboard=false",
+]
+
+
+def _service(port: int) -> ServerProcess:
+    argv = [PYTHON, "-m", "recipe.atropos.environments.gsm8k_server", "serve", "--slurm", "false",
+            "--host", "127.0.0.1", "--port", str(port), "--env.token_level", "true"]
+    return ServerProcess(argv, port=port, env=repo_env())
+
+
+def _trainer(tiny_assets, metrics_path, api_url: str, *overrides: str) -> subprocess.Popen:
+    env = repo_env(
+        VERL_PLATFORM="cpu",
+        VERL_USE_EXTERNAL_MODULES="recipe.atropos.cpu",
+        VERL_FILE_LOGGER_PATH=str(metrics_path),
+        VERL_CPU_MODEL_PATH=str(tiny_assets.model_dir),
+        VERL_CPU_TRAIN_FILES=str(tiny_assets.train_file),
+        VERL_CPU_VAL_FILES=str(tiny_assets.test_file),
+    )
+    argv = [PYTHON, "-m", "verl.trainer.main_ppo", "--config-path", "recipe/atropos/config", "--config-name",
+            "gsm8k_grpo_cpu", f"trainer.atropos.api_url={api_url}", *SMALL_RUN, *overrides]
+    log = open(metrics_path.with_suffix(".log"), "w")
+    return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _output(metrics_path) -> str:
+    return metrics_path.with_suffix(".log").read_text(errors="replace")
+
+
+@pytest.mark.timeout(420)
+def test_overrides_every_step_then_fallback_while_the_service_is_down_then_resume(tiny_assets, tmp_path):
+    port = find_free_loopback_port()
+    service = _service(port).start()
+    metrics_path = tmp_path / "metrics.jsonl"
+    trainer = _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}", "trainer.total_training_steps=9")
+    follower, seen, restarted = StepFollower(metrics_path), [], None
+    try:
+        deadline = time.monotonic() + 360
+        while trainer.poll() is None and time.monotonic() < deadline:
+            for step in follower.new_steps():
+                seen.append(step)
+                if step["step"] == 3 and service.process.poll() is None:
+                    service.stop()  # killed mid-run
+                if step["step"] == 5:
+                    restarted = _service(port).start()
+            time.sleep(0.2)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        service.stop()
+        if restarted is not None:
+            restarted.stop()
+    assert trainer.returncode == 0, _output(metrics_path)[-5000:]
+    steps = {s["step"]: s for s in read_steps(metrics_path)}
+    assert sorted(steps) == list(range(1, 10))  # training went on through the outage
+    for n in (1, 2, 3):  # the service's advantages on every step while it is up
+        assert steps[n]["atropos/override_fraction"] == 1.0 and steps[n]["atropos/fallback"] == 0.0, n
+        assert steps[n]["atropos/env/accuracy"] >= 0.0 and steps[n]["atropos/api_latency_s"] > 0
+    # Down from the end of step 3 until step 5 is logged: the steps in between fall back to GRPO.
+    assert steps[4]["atropos/fallback"] == 1.0 and steps[4]["atropos/override_fraction"] == 0.0
+    assert steps[5]["atropos/fallback"] == 1.0
+    # Back: overrides resume.
+    assert steps[9]["atropos/fallback"] == 0.0 and steps[9]["atropos/override_fraction"] == 1.0
+    assert steps[9]["atropos/fallback_steps_total"] >= 2
+    output = _output(metrics_path)
+    assert output.count("using standard GRPO until it answers again") == 1  # one warning per outage
+    assert "answers again after" in output
+
+
+@pytest.mark.timeout(240)
+def test_without_fallback_a_missing_service_stops_the_run_before_training(tiny_assets, tmp_path):
+    port = find_free_loopback_port()  # nothing listens there
+    metrics_path = tmp_path / "metrics.jsonl"
+    trainer = _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}",
+                       "trainer.atropos.fallback_to_grpo=false", "trainer.total_training_steps=2")
+    trainer.wait(200)
+    output = _output(metrics_path)
+    assert trainer.returncode != 0
+    assert f"environment service at http://127.0.0.1:{port} does not answer /health" in output
+    assert "fallback_to_grpo=true" in output
+    assert not metrics_path.exists() or not read_steps(metrics_path)
+
+
+@pytest.mark.timeout(300)
+def test_token_lists_of_the_wrong_length_stop_the_run_before_any_update(tiny_assets, tmp_path):
+    batch_size = 4 * 4
+    wrong = {"advantages": [[0.5] * 999] * batch_size, "scores": [0.0] * batch_size, "metrics": {}}
+    with FaultInjectingServer() as server:
+        server.inject("/evaluate_and_compute_advantages", Fault(status=200, body=wrong), times=100)
+        metrics_path = tmp_path / "metrics.jsonl"
+        trainer = _trainer(tiny_assets, metrics_path, server.url,
+                           "trainer.atropos.fallback_to_grpo=false", "trainer.total_training_steps=2")
+        trainer.wait(240)
+    output = _output(metrics_path)
+    assert trainer.returncode != 0
+    assert "AtroposProtocolError" in output and "999 token advantages for a response of" in output
+    # Raised in the trainer's `_update_actor` before verl's update: no step was ever logged.
+    assert not metrics_path.exists() or not read_steps(metrics_path)
