@@ -2,8 +2,9 @@
 
     python -m recipe.atropos.benchmarks.bench_grpo_estimator [--repeats 10]
 
-All three run in this process on the same inputs: groups of 8, half of the rows overridden (ours
-only; upstream has no overrides). Prints the median time of each and the ratios
+All three run in this process on the same inputs, in turn within each round (so that they share the
+machine's load): groups of 8, half of the rows overridden (ours only; upstream has no overrides).
+Prints the median time of each and the ratios
 ours / grpo (target <= 0.2) and ours / grpo_vectorized (target <= 1.2).
 """
 
@@ -42,29 +43,38 @@ def make_batch(batch_size: int, response_length: int, group_size: int = 8, seed:
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """Median wall time of `fn` over `repeats` runs, after one warm-up run."""
+    return interleaved_medians({"fn": fn}, repeats)["fn"]
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median wall time of each function, run in turn within every round (after a warm-up round), so
+    that all of them see the same machine load and allocator state."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(samples) for name, samples in times.items()}
 
 
 def run(batch_size: int, response_length: int, repeats: int) -> dict[str, float]:
     upstream = _load_upstream_core_algos()
     rewards_BT, mask_BT, index_B, overrides_BT, override_B = make_batch(batch_size, response_length)
-    ours_s = median_seconds(
-        lambda: core_algos.compute_grpo_outcome_advantage(
-            rewards_BT, mask_BT, index_B, token_level_advantages=overrides_BT, advantage_override_mask=override_B
-        ),
+    medians = interleaved_medians(
+        {
+            "ours_s": lambda: core_algos.compute_grpo_outcome_advantage(
+                rewards_BT, mask_BT, index_B, token_level_advantages=overrides_BT, advantage_override_mask=override_B
+            ),
+            "grpo_s": lambda: upstream.compute_grpo_outcome_advantage(rewards_BT, mask_BT, index_B),
+            "grpo_vectorized_s": lambda: upstream.compute_grpo_vectorized_outcome_advantage(rewards_BT, mask_BT, index_B),
+        },
         repeats,
     )
-    grpo_s = median_seconds(lambda: upstream.compute_grpo_outcome_advantage(rewards_BT, mask_BT, index_B), repeats)
-    vectorized_s = median_seconds(
-        lambda: upstream.compute_grpo_vectorized_outcome_advantage(rewards_BT, mask_BT, index_B), repeats
-    )
-    return {"ours_s": ours_s, "grpo_s": grpo_s, "grpo_vectorized_s": vectorized_s}
+    return medians
 
 
 def main() -> None:

