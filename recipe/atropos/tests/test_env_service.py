@@ -143,6 +143,8 @@ def gsm8k_batch(correct: Sequence[bool], groups: Sequence, seed: int = 0) -> dic
 
 def _port_free(port: int) -> bool:
     with socket.socket() as probe:
+        # As uvicorn binds: a port left in TIME_WAIT by an earlier test's connections is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((LOOPBACK_HOST, port))
         except OSError:
