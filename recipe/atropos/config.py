@@ -9,6 +9,7 @@ from typing import Any
 
 API_KEY_ENV = "ATROPOS_API_KEY"
 _ENCODINGS = ("auto", "json", "msgpack")
+_MODES = ("evaluate", "trajectory")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,6 +26,9 @@ class AtroposTrainerConfig:
     api_key: str | None = None
     send_token_ids: bool = True
     encoding: str = "auto"
+    mode: str = "evaluate"
+    trajectory_api_url: str = "http://localhost:8000"
+    batch_timeout_s: float = 600.0
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> AtroposTrainerConfig:
@@ -43,6 +47,8 @@ class AtroposTrainerConfig:
         config = cls(**values)
         if config.encoding not in _ENCODINGS:
             raise ValueError(f"trainer.atropos.encoding must be one of {_ENCODINGS}, got {config.encoding!r}")
+        if config.mode not in _MODES:
+            raise ValueError(f"trainer.atropos.mode must be one of {_MODES}, got {config.mode!r}")
         if config.timeout <= 0 or config.max_wait_time <= 0 or config.retry_attempts < 1 or config.retry_delay < 0:
             raise ValueError(
                 "trainer.atropos needs timeout > 0, max_wait_time > 0, retry_attempts >= 1 and retry_delay >= 0; got "

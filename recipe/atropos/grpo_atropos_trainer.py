@@ -1,16 +1,25 @@
-"""RayGRPOAtroposTrainer: verl's RayPPOTrainer with advantages from an Atropos-style environment service.
+"""RayGRPOAtroposTrainer: verl's RayPPOTrainer with advantages from Atropos-style environments.
 
-Only verl's own hooks are used (no copy of `fit()`):
+Only verl's own hooks are used (no copy of `fit()`). Two modes (`trainer.atropos.mode`):
+
+evaluate (default): verl generates; the environment service judges.
 - `init_workers`: a health check first, which says whether the service's advantages or standard
   GRPO will be used (or stops the run when the service is down and fallback is off);
 - `_compute_old_log_prob`: the batch goes to the service on a background thread, concurrently
   with the old-log-prob computation;
 - `_update_actor`: the answer becomes token-level overrides of the GRPO estimator
-  (AtroposGRPOComputer), written into the batch before the update; the `atropos/...` metrics join
-  the actor's, which verl logs through its Tracking.
+  (AtroposGRPOComputer), written into the batch before the update.
 
-Run it with `trainer_cls=recipe.atropos.grpo_atropos_trainer.RayGRPOAtroposTrainer` (set by
-config/gsm8k_grpo_example.yaml).
+trajectory: Atropos environments generate through the policy's inference endpoints and push
+scored groups to atroposlib's run-api.
+- `init_workers`: after verl's workers (and so the endpoints) are up, its rollout manager is
+  replaced by one that registers with run-api at the first step and pulls each step's batch;
+- `_compute_old_log_prob`: the groups' uids become verl's `uid` (GRPO groups);
+- `_update_actor`: the environments' token-level advantages, where sent, override GRPO.
+
+Either way the `atropos/...` metrics join the actor's, which verl logs through its Tracking.
+Run it with `trainer_cls=recipe.atropos.grpo_atropos_trainer.RayGRPOAtroposTrainer` (set by the
+recipe's configs).
 """
 
 from __future__ import annotations
@@ -18,9 +27,12 @@ from __future__ import annotations
 from verl import DataProto
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
+from recipe.atropos import trajectory_rollout
+from recipe.atropos.client import AtroposEnvironmentClient
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.feedback import EnvironmentFeedback
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
+from recipe.atropos.trajectory import TrajectoryLimits
 
 
 class RayGRPOAtroposTrainer(RayPPOTrainer):
@@ -30,22 +42,69 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         if estimator != "grpo":
             raise ValueError(f"RayGRPOAtroposTrainer overrides GRPO advantages: set algorithm.adv_estimator=grpo (got {estimator!r})")
         self.atropos_config = AtroposTrainerConfig.from_config(self.config.trainer.get("atropos"))
-        computer = AtroposGRPOComputer(
+        self.grpo_computer = AtroposGRPOComputer(
             allow_fallback=self.atropos_config.fallback_to_grpo,
             norm_adv_by_std_in_grpo=self.config.algorithm.get("norm_adv_by_std_in_grpo", True),
         )
-        self.environment_feedback = EnvironmentFeedback(self.atropos_config, self.tokenizer, computer)
+        self.trajectory_mode = self.atropos_config.mode == "trajectory"
+        if not self.trajectory_mode:
+            self.environment_feedback = EnvironmentFeedback(self.atropos_config, self.tokenizer, self.grpo_computer)
 
     def init_workers(self):
-        self.environment_feedback.check_health()  # before the (slow) workers: a clear stop comes first
-        super().init_workers()
+        if self.trajectory_mode:
+            super().init_workers()
+            self._start_pulling_trajectories()
+        else:
+            self.environment_feedback.check_health()  # before the (slow) workers: a clear stop comes first
+            super().init_workers()
+
+    def _start_pulling_trajectories(self) -> None:
+        cfg = self.atropos_config
+        client = AtroposEnvironmentClient(
+            cfg.trajectory_api_url, timeout=cfg.timeout, retry_attempts=cfg.retry_attempts,
+            retry_delay=cfg.retry_delay, max_wait_time=cfg.max_wait_time, api_key=cfg.api_key,
+        )
+        limits = TrajectoryLimits(
+            max_prompt_length=self.config.data.max_prompt_length,
+            max_response_length=self.config.data.max_response_length,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        # `fit()` generates through this attribute; validation keeps verl's own manager.
+        self.async_rollout_manager = trajectory_rollout.TrajectoryRolloutManager(
+            client, limits, validation_manager=self.async_rollout_manager, config=self.config,
+            batch_timeout_s=cfg.batch_timeout_s,
+        )
 
     def _compute_old_log_prob(self, batch: DataProto):
-        self.environment_feedback.submit(batch, step=self.global_steps)
+        if self.trajectory_mode:
+            batch.non_tensor_batch["uid"] = trajectory_rollout.group_uids(batch)
+        else:
+            self.environment_feedback.submit(batch, step=self.global_steps)
         return super()._compute_old_log_prob(batch)
 
     def _update_actor(self, batch: DataProto) -> DataProto:
-        atropos_metrics = self.environment_feedback.apply(batch, step=self.global_steps)
+        if self.trajectory_mode:
+            atropos_metrics = self._apply_trajectory_advantages(batch)
+        else:
+            atropos_metrics = self.environment_feedback.apply(batch, step=self.global_steps)
         actor_output = super()._update_actor(batch)
         actor_output.meta_info["metrics"].update(atropos_metrics)
         return actor_output
+
+    def _apply_trajectory_advantages(self, batch: DataProto) -> dict[str, float]:
+        """The environments' token-level advantages (where sent) override GRPO on verl's batch."""
+        overrides = batch.pop(batch_keys=[k for k in (trajectory_rollout.OVERRIDES, trajectory_rollout.OVERRIDE_MASK) if k in batch.batch.keys()])
+        env_advantages = None
+        if len(overrides.batch.keys()):
+            mask_B = overrides.batch[trajectory_rollout.OVERRIDE_MASK]
+            values_BT = overrides.batch[trajectory_rollout.OVERRIDES]
+            response_mask_BT = batch.batch["response_mask"].bool()
+            env_advantages = [values_BT[i][response_mask_BT[i]].numpy() if mask_B[i] else None for i in range(len(mask_B))]
+        output = self.grpo_computer.compute(
+            batch.batch["token_level_rewards"], batch.batch["response_mask"], batch.non_tensor_batch["uid"], env_advantages
+        )
+        batch.batch["advantages"] = output.advantages_BT
+        batch.batch["returns"] = output.returns_BT
+        metrics = {**output.metrics, **self.async_rollout_manager.last_metrics}
+        metrics["atropos/fallback"] = 0.0  # nothing to fall back from: the batch is the environments'
+        return metrics

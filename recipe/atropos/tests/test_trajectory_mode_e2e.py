@@ -1,0 +1,98 @@
+"""Trajectory mode end to end on CPU: atroposlib's run-api, the repo's atroposlib GSM8K environment
+generating through the trainer's own policy endpoint, and verl's real trainer pulling and training."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from recipe.atropos.client import AtroposEnvironmentClient
+from recipe.atropos.run_report import read_steps
+
+from .conftest import PYTHON, REPO_ROOT, repo_env
+from .servers import find_free_loopback_port, start_atropos_run_api
+from .test_atropos_env import EnvProcess
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _policy_steps(port: int) -> int | None:
+    try:
+        return int(requests.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("global_steps", -1))
+    except (requests.RequestException, ValueError):
+        return None
+
+
+@pytest.mark.timeout(480)
+def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_assets, tmp_path):
+    api = start_atropos_run_api()
+    policy_port = find_free_loopback_port()
+    metrics_path = tmp_path / "metrics.jsonl"
+    trainer_env = repo_env(
+        VERL_PLATFORM="cpu", VERL_USE_EXTERNAL_MODULES="recipe.atropos.cpu", VERL_FILE_LOGGER_PATH=str(metrics_path),
+        VERL_CPU_MODEL_PATH=str(tiny_assets.model_dir), VERL_CPU_TRAIN_FILES=str(tiny_assets.train_file),
+        VERL_CPU_VAL_FILES=str(tiny_assets.test_file),
+    )
+    trainer_log = open(tmp_path / "trainer.log", "w")
+    trainer = subprocess.Popen(
+        [PYTHON, "-m", "verl.trainer.main_ppo", "--config-path", "recipe/atropos/config", "--config-name", "gsm8k_grpo_cpu",
+         "trainer.atropos.mode=trajectory", f"trainer.atropos.trajectory_api_url={api.url}",
+         "trainer.atropos.batch_timeout_s=240", f"actor_rollout_ref.rollout.engine_kwargs.hf.port={policy_port}",
+         "actor_rollout_ref.rollout.engine_kwargs.hf.served_model_name=tiny",
+         "data.train_batch_size=2", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
+         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
+         "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
+         "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=8",
+         "trainer.total_training_steps=3", "+ray_kwargs.ray_init.include_dashboard=false"],
+        cwd=REPO_ROOT, env=trainer_env, stdout=trainer_log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    env_process, policy_steps_seen = None, set()
+    try:
+        client = AtroposEnvironmentClient(api.url, timeout=5, retry_attempts=1, max_wait_time=5)
+        deadline = time.monotonic() + 240
+        # Environments start once the trainer's policy endpoint is up and it has registered.
+        while (_policy_steps(policy_port) is None or client.info().batch_size < 0) and time.monotonic() < deadline:
+            assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-5000:]
+            time.sleep(0.5)
+        assert client.info().batch_size == 8
+        env_process = EnvProcess(
+            [sys.executable, "recipe/atropos/environments/atropos_gsm8k_env.py", "serve", "--slurm", "false",
+             "--openai.base_url", f"http://127.0.0.1:{policy_port}/v1", "--openai.model_name", "tiny",
+             "--openai.api_key", "x", "--openai.server_type", "vllm", "--openai.tokenizer_name", str(tiny_assets.model_dir),
+             "--env.tokenizer_name", str(tiny_assets.model_dir), "--env.data_path", str(tiny_assets.train_file),
+             "--env.rollout_server_url", api.url, "--env.group_size", "4", "--env.max_response_tokens", "24",
+             "--env.use_wandb", "false", "--env.emit_advantages", "true", "--env.ensure_scores_are_not_same", "false",
+             "--env.max_num_workers", "2"],
+            tmp_path / "env.log",
+        )
+        while trainer.poll() is None and time.monotonic() < deadline + 180:
+            steps = _policy_steps(policy_port)
+            if steps is not None:
+                policy_steps_seen.add(steps)
+            time.sleep(0.3)
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        if env_process is not None:
+            env_process.stop()
+        api.stop()
+        trainer_log.close()
+    assert trainer.returncode == 0, (tmp_path / "trainer.log").read_text()[-6000:] + "\nENV:\n" + (tmp_path / "env.log").read_text()[-3000:]
+    steps = read_steps(metrics_path)
+    assert [s["step"] for s in steps] == [1, 2, 3]
+    for step in steps:
+        # Two groups of four from the environment each step, trained on the advantages it sent.
+        assert step["atropos/batch_groups"] == 2
+        assert step["atropos/override_fraction"] == 1.0
+        assert step["atropos/advantage_groups_fraction"] == 1.0
+        assert "atropos/staleness/mean" in step
+    # The weights of every update reached the endpoint the environment generates through.
+    assert max(policy_steps_seen) >= 2, sorted(policy_steps_seen)
+    # Nothing of the trainer's is left: its endpoint is closed.
+    assert _policy_steps(policy_port) is None
+    assert not [p for p in psutil.process_iter(["cmdline"]) if "verl.trainer.main_ppo" in " ".join(p.info["cmdline"] or [])]
