@@ -420,10 +420,11 @@ class AtroposEnvironmentClient:
 
     # ---- environment service ------------------------------------------------------------
 
-    def health_check(self) -> bool:
+    def health_check(self, timeout_s: float | None = None) -> bool:
         """True when ``GET /health`` answers 200 with ``"status": "ok"``; one attempt, never raises.
 
-        Also records the encodings the service advertises, which ``encoding="auto"`` relies on.
+        ``timeout_s`` caps this probe below ``timeout`` (a quick check during an outage). Also
+        records the encodings the service advertises, which ``encoding="auto"`` relies on.
         """
 
         def healthy(answer: _Answer) -> dict[str, Any]:
@@ -433,7 +434,9 @@ class AtroposEnvironmentClient:
             return dict(body)
 
         try:
-            body = self._request("GET", "/health", accept=self._accept_header(), max_attempts=1, parse=healthy)
+            body = self._request(
+                "GET", "/health", accept=self._accept_header(), max_attempts=1, max_wait_s=timeout_s, parse=healthy
+            )
         except AtroposAPIError as exc:
             logger.debug("health check of %s failed: %s", self.api_url, exc)
             return False
@@ -617,6 +620,7 @@ class AtroposEnvironmentClient:
         content_type: str = wire.JSON,
         accept: str = wire.JSON,
         max_attempts: int | None = None,
+        max_wait_s: float | None = None,
         accept_statuses: frozenset[int] | set[int] = frozenset(),
         exact_integers: bool = False,
         parse: Callable[[_Answer], _Parsed] = _keep_answer,  # type: ignore[assignment]
@@ -653,7 +657,8 @@ class AtroposEnvironmentClient:
         progress = _CallProgress()
         try:
             response = self._send_with_retries(
-                method, url, body, headers, max_attempts or self.retry_attempts, accept_statuses, started, progress
+                method, url, body, headers, max_attempts or self.retry_attempts, accept_statuses, started, progress,
+                max_wait_s or self.max_wait_time,
             )
             if response.status_code >= 400:  # a status the caller accepts (404 = not supported)
                 answer = _Answer(response.status_code, None)
@@ -685,9 +690,10 @@ class AtroposEnvironmentClient:
         accept_statuses: frozenset[int] | set[int],
         started: float,
         progress: _CallProgress,
+        max_wait_s: float,
     ) -> requests.Response:
         """The retry loop (tenacity) around :meth:`_attempt`; raises AtroposUnavailableError on give-up."""
-        deadline = started + self.max_wait_time
+        deadline = started + max_wait_s
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(max_attempts) | _StopWhenBudgetSpent(deadline),
             wait=_WaitWithinBudget(_exponential_jitter_wait(self.retry_delay), deadline),
@@ -732,6 +738,10 @@ class AtroposEnvironmentClient:
             raise _RetryableFailure(cause) from exc
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
             cause = f"connection failed ({type(exc).__name__}: {exc})"
+            logger.debug("%s %s: attempt %d failed: %s", method, url, attempt_number, cause)
+            raise _RetryableFailure(cause) from exc
+        except requests.RequestException as exc:  # bad gzip, redirects, headers: a broken answer, retried
+            cause = f"request failed ({type(exc).__name__}: {exc})"
             logger.debug("%s %s: attempt %d failed: %s", method, url, attempt_number, cause)
             raise _RetryableFailure(cause) from exc
 

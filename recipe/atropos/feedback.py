@@ -10,12 +10,15 @@ fall back to the GRPO advantages verl already computed from its own reward (or s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
+import requests
+import torch
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np
 from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient, EvaluationResult
@@ -30,6 +33,19 @@ SERVICE_HINT = (
     "Start the environment service (e.g. `python recipe/atropos/environments/gsm8k_server.py serve`) and check "
     "trainer.atropos.api_url, or set trainer.atropos.fallback_to_grpo=true to train on standard GRPO while it is down."
 )
+
+
+OUTAGE_PROBE_TIMEOUT_S = 5.0  # the one /health probe per step while the service is down
+
+
+@dataclasses.dataclass(frozen=True)
+class _PendingRequest:
+    """A request in flight, and what it was made for."""
+
+    future: Future
+    uids_B: np.ndarray
+    response_mask_BT: torch.Tensor
+    retries_before: int
 
 
 class EnvironmentServiceError(RuntimeError):
@@ -59,7 +75,7 @@ class EnvironmentFeedback:
             encoding=config.encoding,
         )
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="atropos-request")
-        self._pending: Optional[tuple[Future, np.ndarray]] = None
+        self._pending: Optional[_PendingRequest] = None
         self._outage_steps = 0  # consecutive steps without a usable answer
         self.fallback_steps_total = 0
 
@@ -87,10 +103,15 @@ class EnvironmentFeedback:
     def submit(self, batch: DataProto, step: int) -> None:
         """Start this step's request on the background thread."""
         view = BatchView.of(batch)
-        self._pending = (self._executor.submit(self._request, view, step), view.uids_B)
+        self._pending = _PendingRequest(
+            future=self._executor.submit(self._request, view, step),
+            uids_B=view.uids_B,
+            response_mask_BT=view.response_mask_BT.clone(),  # verl may change the batch's own later
+            retries_before=self.client.stats.retries,
+        )
 
     def _request(self, view: BatchView, step: int) -> tuple[EvaluationResult, float]:
-        if self._outage_steps and not self.client.health_check():
+        if self._outage_steps and not self.client.health_check(timeout_s=min(OUTAGE_PROBE_TIMEOUT_S, self.config.timeout)):
             # Still down: one quick probe instead of a full retry budget every step of an outage.
             raise ConnectionError(f"{self.config.api_url}/health does not answer")
         request = build_environment_request(view, self.tokenizer, send_token_ids=self.config.send_token_ids, step=step)
@@ -110,16 +131,14 @@ class EnvironmentFeedback:
         """Wait for the answer, write the advantages into `batch`, return the `atropos/...` metrics."""
         if self._pending is None:  # e.g. verl skipped old-log-prob (rollout-correction bypass mode)
             self.submit(batch, step)
-        future, submitted_uids = self._pending
-        self._pending = None
-        retries_before = self.client.stats.retries
+        pending, self._pending = self._pending, None
         wait_start = time.perf_counter()
         metrics: dict[str, float] = {}
         try:
-            result, latency_s = future.result()
-            if not np.array_equal(submitted_uids, batch.non_tensor_batch["uid"]):
+            result, latency_s = pending.future.result()
+            if not np.array_equal(pending.uids_B, batch.non_tensor_batch["uid"]):
                 raise ValueError("the batch was reordered between the request and the update")
-        except (AtroposAPIError, ConnectionError, ValueError) as exc:
+        except (AtroposAPIError, requests.RequestException, ConnectionError, ValueError) as exc:
             self._on_failure(exc, step)
             result, latency_s = None, float("nan")
         metrics["atropos/wait_s"] = time.perf_counter() - wait_start
@@ -135,7 +154,7 @@ class EnvironmentFeedback:
                 self._outage_steps = 0
             output = self.computer.compute(
                 batch.batch["token_level_rewards"], response_mask_BT, batch.non_tensor_batch["uid"],
-                self._env_advantages(result, batch),
+                self._env_advantages(result, batch), alignment_mask_BT=pending.response_mask_BT,
             )
             batch.batch["advantages"] = output.advantages_BT
             batch.batch["returns"] = output.returns_BT
@@ -145,7 +164,7 @@ class EnvironmentFeedback:
         self.fallback_steps_total += int(metrics["atropos/fallback"])
         metrics["atropos/fallback_steps_total"] = float(self.fallback_steps_total)
         metrics["atropos/api_latency_s"] = latency_s
-        metrics["atropos/retries"] = float(self.client.stats.retries - retries_before)
+        metrics["atropos/retries"] = float(self.client.stats.retries - pending.retries_before)
         return metrics
 
     def _env_advantages(self, result: EvaluationResult, batch: DataProto) -> list:
@@ -153,7 +172,10 @@ class EnvironmentFeedback:
             return result.advantages
         # The service as a reward model: GRPO on its scores, one float per sample.
         return compute_grpo_outcome_advantages_np(
-            result.scores, batch.non_tensor_batch["uid"], norm_adv_by_std=self.computer.norm_adv_by_std_in_grpo
+            result.scores,
+            batch.non_tensor_batch["uid"],
+            epsilon=self.computer.epsilon,
+            norm_adv_by_std=self.computer.norm_adv_by_std_in_grpo,
         ).tolist()
 
     def _on_failure(self, exc: Exception, step: int) -> None:

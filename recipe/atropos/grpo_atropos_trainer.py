@@ -31,7 +31,7 @@ from recipe.atropos import trajectory_rollout
 from recipe.atropos.client import AtroposEnvironmentClient
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.feedback import EnvironmentFeedback
-from recipe.atropos.grpo_computer import AtroposGRPOComputer
+from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.trajectory import TrajectoryLimits
 
 
@@ -72,11 +72,20 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         # `fit()` generates through this attribute; validation keeps verl's own manager.
         self.async_rollout_manager = trajectory_rollout.TrajectoryRolloutManager(
             client, limits, validation_manager=self.async_rollout_manager, config=self.config,
-            batch_timeout_s=cfg.batch_timeout_s,
+            total_steps=self.total_training_steps, batch_timeout_s=cfg.batch_timeout_s,
         )
+
+    def fit(self):
+        try:
+            return super().fit()
+        finally:
+            if not self.trajectory_mode:
+                self.environment_feedback.close()  # no request outlives the run
 
     def _compute_old_log_prob(self, batch: DataProto):
         if self.trajectory_mode:
+            # GRPO groups are the environments' groups (set again before the update: verl skips
+            # this hook in rollout-correction bypass mode).
             batch.non_tensor_batch["uid"] = trajectory_rollout.group_uids(batch)
         else:
             self.environment_feedback.submit(batch, step=self.global_steps)
@@ -93,18 +102,15 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     def _apply_trajectory_advantages(self, batch: DataProto) -> dict[str, float]:
         """The environments' token-level advantages (where sent) override GRPO on verl's batch."""
-        overrides = batch.pop(batch_keys=[k for k in (trajectory_rollout.OVERRIDES, trajectory_rollout.OVERRIDE_MASK) if k in batch.batch.keys()])
-        env_advantages = None
-        if len(overrides.batch.keys()):
-            mask_B = overrides.batch[trajectory_rollout.OVERRIDE_MASK]
-            values_BT = overrides.batch[trajectory_rollout.OVERRIDES]
-            response_mask_BT = batch.batch["response_mask"].bool()
-            env_advantages = [values_BT[i][response_mask_BT[i]].numpy() if mask_B[i] else None for i in range(len(mask_B))]
-        output = self.grpo_computer.compute(
-            batch.batch["token_level_rewards"], batch.batch["response_mask"], batch.non_tensor_batch["uid"], env_advantages
+        batch.non_tensor_batch["uid"] = trajectory_rollout.group_uids(batch)
+        keys = [k for k in (trajectory_rollout.OVERRIDES, trajectory_rollout.OVERRIDE_MASK) if k in batch.batch.keys()]
+        sent = batch.pop(batch_keys=keys).batch if keys else None
+        overrides = None
+        if sent is not None:
+            overrides = AdvantageOverrides(sent[trajectory_rollout.OVERRIDES], sent[trajectory_rollout.OVERRIDE_MASK])
+        output = self.grpo_computer.compute_from_overrides(
+            batch.batch["token_level_rewards"], batch.batch["response_mask"], batch.non_tensor_batch["uid"], overrides
         )
         batch.batch["advantages"] = output.advantages_BT
         batch.batch["returns"] = output.returns_BT
-        metrics = {**output.metrics, **self.async_rollout_manager.last_metrics}
-        metrics["atropos/fallback"] = 0.0  # nothing to fall back from: the batch is the environments'
-        return metrics
+        return {**output.metrics, **self.async_rollout_manager.last_metrics}

@@ -122,12 +122,29 @@ class AtroposGRPOComputer:
         response_mask_BT: torch.Tensor,
         index_B: np.ndarray,
         env_advantages: Optional[Sequence[SampleAdvantage]],
+        alignment_mask_BT: Optional[torch.Tensor] = None,
     ) -> AdvantageOutput:
         """GRPO advantages with the environment's overrides, or plain GRPO when it gave none.
 
         `env_advantages` None means the service gave nothing usable this step (down, or fallback).
+        `alignment_mask_BT` is the response mask the environment's token lists were made for, when
+        verl has changed `response_mask_BT` since (rollout correction drops tokens): lists are
+        aligned with it, then everything outside the current mask is zeroed by the estimator.
         """
-        overrides = None if env_advantages is None else self.build_overrides(env_advantages, response_mask_BT)
+        overrides = None
+        if env_advantages is not None:
+            alignment = response_mask_BT if alignment_mask_BT is None else alignment_mask_BT
+            overrides = self.build_overrides(env_advantages, alignment)
+        return self.compute_from_overrides(token_level_rewards_BT, response_mask_BT, index_B, overrides)
+
+    def compute_from_overrides(
+        self,
+        token_level_rewards_BT: torch.Tensor,
+        response_mask_BT: torch.Tensor,
+        index_B: np.ndarray,
+        overrides: Optional[AdvantageOverrides],
+    ) -> AdvantageOutput:
+        """The estimator with overrides already aligned as [B, T] (None: plain GRPO), and the metrics."""
         advantages_BT, returns_BT = core_algos.compute_grpo_outcome_advantage(
             token_level_rewards=token_level_rewards_BT,
             response_mask=response_mask_BT,
@@ -151,9 +168,11 @@ def advantage_metrics(
     """Flat `atropos/...` metrics: how much was overridden, and the advantages over response tokens."""
     batch_size = advantages_BT.shape[0]
     on_response = advantages_BT[response_mask_BT.bool()].float()
+    overridden = 0 if overrides is None else int(overrides.override_mask_B.sum())
     metrics = {
-        "atropos/override_fraction": 0.0 if overrides is None else float(overrides.override_mask_B.sum()) / max(batch_size, 1),
-        "atropos/fallback": 1.0 if overrides is None else 0.0,
+        "atropos/override_fraction": overridden / max(batch_size, 1),
+        # No sample took the environment's advantages: the step is standard GRPO.
+        "atropos/fallback": 1.0 if overridden == 0 else 0.0,
         "atropos/shape_mismatches": 0.0 if overrides is None else float(len(overrides.mismatched_samples)),
     }
     if on_response.numel():

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from recipe.atropos.client import AtroposEnvironmentClient
+from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient
 from recipe.atropos.trajectory import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
 from verl import DataProto
 
@@ -40,12 +40,14 @@ class TrajectoryRolloutManager:
         limits: TrajectoryLimits,
         validation_manager: Any,
         config: Any,
+        total_steps: int,
         batch_timeout_s: float,
         poll_interval_s: float = 0.5,
         progress_interval_s: float = 30.0,
     ):
         self.client = client
         self.config = config
+        self.total_steps = total_steps
         self.limits = limits
         self.validation_manager = validation_manager
         self.batch_timeout_s = batch_timeout_s
@@ -64,7 +66,7 @@ class TrajectoryRolloutManager:
             batch_size=batch_size,
             # environments drop sequences of max_token_len tokens or more
             max_token_len=config.data.max_prompt_length + config.data.max_response_length + 1,
-            num_steps=int(config.trainer.total_training_steps or 0),
+            num_steps=int(self.total_steps),
             checkpoint_dir=str(config.trainer.default_local_dir),
             save_checkpoint_interval=int(config.trainer.save_freq),
             starting_step=int(starting_step),
@@ -93,7 +95,11 @@ class TrajectoryRolloutManager:
         non_tensors[GROUP_UID] = non_tensors.pop("uid")
         output = DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
         output.meta_info["timing"] = {"atropos_batch_wait": wait_s}
-        step = self.client.status().current_step
+        try:
+            step = self.client.status().current_step
+        except AtroposAPIError as exc:  # staleness is a metric: the batch is already pulled, keep it
+            logger.warning("GET %s/status failed, staleness unknown this step: %s", self.client.api_url, exc)
+            step = None
         self.last_metrics = {**trajectory_metrics(groups, current_step=step), "atropos/wait_s": wait_s}
         return output
 

@@ -1,4 +1,5 @@
-"""Launcher of an Atropos + verl run: environment service, optional inference workers, trainer.
+"""Launcher of an Atropos + verl run: environment service, optional inference workers, trainer
+(evaluate mode), or run-api, trainer and Atropos environments (trajectory mode).
 
 ``recipe/atropos/launch_atropos_verl_services.py`` is the command; this package holds its parts,
 one job per module:

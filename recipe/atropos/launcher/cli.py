@@ -27,21 +27,27 @@ service), then the trainer (python -m verl.trainer.main_ppo --config-path <dir o
 --config-name <stem> OVERRIDES, pointed at the service with trainer.atropos.api_url=...).
 What to start comes from the config's `launcher:` section (config/launcher_defaults.yaml);
 OVERRIDES apply to it too, e.g. launcher.environment.port=9002 launcher.inference.enabled=true.
+
+With trainer.atropos.mode=trajectory it starts instead: atroposlib's run-api (waits for it), the
+trainer (with trainer.atropos.trajectory_api_url=...), then, once the trainer's policy endpoint
+answers (launcher.policy_endpoint), each of launcher.environments. No environment service.
 """
 
 EPILOG = """\
 supervision:
   the trainer's exit ends the run with its exit code; a dead environment service is restarted
   (launcher.environment.max_restarts in a row, backoff restart_backoff_s doubling); a dead
-  inference worker ends the run. SIGINT/SIGTERM or any error stops every process tree started
-  (SIGTERM, launcher.shutdown_grace_s, SIGKILL).
+  inference worker ends the run. Trajectory mode: a dead environment is restarted
+  (launcher.environments[i].max_restarts); a dead run-api ends the run. SIGINT/SIGTERM or any
+  error stops every process tree started (SIGTERM, launcher.shutdown_grace_s, SIGKILL).
 
 files (run folder, default outputs/launch/<timestamp>/):
-  <service>.log for environment, inference-<i>, trainer; launcher.log; services.json (pids, ports).
+  <service>.log for environment, inference-<i>, trainer (trajectory mode: run-api, trainer,
+  env-<name>); launcher.log; services.json (pids, ports).
 
 exit codes:
   the trainer's exit code; 1 launch failed (port in use, a service did not become healthy, an
-  inference worker died, environment restarts exhausted); 2 bad config or override;
+  inference worker or run-api died, environment restarts exhausted); 2 bad config or override;
   128+N stopped by signal N (130 SIGINT, 143 SIGTERM).
 """
 

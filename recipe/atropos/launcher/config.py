@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 import types
 import typing
@@ -23,17 +24,24 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "AtroposEnvironmentConfig",
     "EnvironmentConfig",
     "InferenceConfig",
     "LauncherConfig",
     "LauncherConfigError",
+    "MODES",
+    "PolicyEndpointConfig",
     "TrainerConfig",
+    "TrajectoryApiConfig",
     "load_launcher_config",
     "override_key",
     "parse_launcher_section",
 ]
 
 SECTION = "launcher"
+# trainer.atropos.mode values: what the launcher starts follows the trainer's mode.
+MODES = ("evaluate", "trajectory")
+MODE_KEY = "trainer.atropos.mode"
 
 
 class LauncherConfigError(ValueError):
@@ -86,7 +94,44 @@ class TrainerConfig:
     command: tuple[str, ...]
     pass_config: bool = True
     api_url_override: str | None = "trainer.atropos.api_url"
+    trajectory_api_url_override: str | None = "trainer.atropos.trajectory_api_url"
     env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrajectoryApiConfig:
+    """atroposlib's trajectory API (``run-api``), trajectory mode only; its death ends the run."""
+
+    command: tuple[str, ...] = ("python", "-m", "atroposlib.cli.run_api", "--host", "{host}", "--port", "{port}")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    health_path: str = "/"
+    start_timeout_s: float = 60.0
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PolicyEndpointConfig:
+    """The trainer's own policy inference endpoint that the environments generate through."""
+
+    base_url: str = "http://127.0.0.1:8001/v1"
+    health_path: str = "/health"
+    start_timeout_s: float = 900.0
+    model: str | None = None
+    tokenizer: str | None = None
+
+
+@dataclass(frozen=True)
+class AtroposEnvironmentConfig:
+    """One Atropos environment process (trajectory mode), restarted when it dies."""
+
+    name: str
+    command: tuple[str, ...]
+    env: dict[str, str] = field(default_factory=dict)
+    max_restarts: int = 3
+    restart_backoff_s: float = 2.0
+    restart_backoff_max_s: float = 60.0
+    stable_after_s: float = 300.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +141,11 @@ class LauncherConfig:
     environment: EnvironmentConfig
     trainer: TrainerConfig
     inference: InferenceConfig
+    trajectory_api: TrajectoryApiConfig = field(default_factory=TrajectoryApiConfig)
+    policy_endpoint: PolicyEndpointConfig = field(default_factory=PolicyEndpointConfig)
+    environments: tuple[AtroposEnvironmentConfig, ...] = ()
+    # Not a key of the section: set from the composed config's trainer.atropos.mode.
+    mode: str = "evaluate"
     log_dir: str = "outputs/launch"
     run_dir: str | None = None
     console: bool = False
@@ -139,14 +189,27 @@ def load_launcher_config(config_file: Path, overrides: Sequence[str]) -> Launche
         )
     try:
         section = OmegaConf.to_container(cfg[SECTION], resolve=True)
+        mode = OmegaConf.select(cfg, MODE_KEY, default="evaluate")
     except OmegaConfBaseException as exc:
         raise LauncherConfigError(f"cannot resolve the {SECTION} section of {config_file}: {exc}") from exc
-    return parse_launcher_section(section)
+    return parse_launcher_section(section, mode=mode)
 
 
-def parse_launcher_section(section: Any) -> LauncherConfig:
-    """Check and convert a plain ``launcher`` mapping; raises naming the offending field."""
-    return _build(LauncherConfig, section, SECTION)
+def parse_launcher_section(section: Any, mode: Any = "evaluate") -> LauncherConfig:
+    """Check and convert a plain ``launcher`` mapping; raises naming the offending field.
+
+    ``mode`` is the trainer's ``trainer.atropos.mode``: it says what the launcher starts.
+    """
+    if isinstance(section, Mapping) and "mode" in section:
+        raise LauncherConfigError(f"{SECTION}.mode is not a key: the launcher follows {MODE_KEY}; set that instead")
+    if mode not in MODES:
+        raise LauncherConfigError(f"{MODE_KEY} must be one of {list(MODES)}, got {mode!r}")
+    cfg = _build(LauncherConfig, section, SECTION)
+    names = [e.name for e in cfg.environments]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise LauncherConfigError(f"{SECTION}.environments: names must be unique, repeated: {duplicates}")
+    return dataclasses.replace(cfg, mode=mode)
 
 
 def override_key(override: str) -> str:
@@ -203,6 +266,8 @@ _FIELD_CHECKS: dict[str, typing.Callable[[Any], str | None]] = {
     "max_restarts": lambda v: None if v >= 0 else "must be >= 0",
     "health_path": lambda v: None if v.startswith("/") else "must start with '/'",
     "command": lambda v: None if v else "must be a non-empty list of words",
+    "name": lambda v: None if re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", v) else "must be letters, digits, _ . -",
+    "base_url": lambda v: None if re.match(r"https?://[^/]+", v) else "must be an http(s):// URL",
 }
 _POSITIVE = {"start_timeout_s", "shutdown_grace_s", "progress_interval_s", "poll_interval_s"}
 _NON_NEGATIVE = {"restart_backoff_s", "restart_backoff_max_s", "stable_after_s"}
@@ -213,7 +278,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise LauncherConfigError(f"{where} must be a mapping, got {type(data).__name__}: {data!r:.100}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
+    known = {f.name: f for f in dataclasses.fields(cls) if not (cls is LauncherConfig and f.name == "mode")}
     unknown = sorted(set(map(str, data)) - set(known))
     if unknown:
         raise LauncherConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")

@@ -53,8 +53,16 @@ def check_ports_free(services: Sequence[ServiceSpec]) -> None:
             raise PortInUseError(
                 f"port {spec.port} on {spec.host} is already in use: {spec.name} cannot listen there. "
                 f"Stop whatever holds it (`ss -ltnp 'sport = :{spec.port}'` shows it) or choose another "
-                f"port ({spec.config_key}.{'port' if spec.role == 'environment' else 'base_port / ports'})"
+                f"port ({_port_key(spec)})"
             )
+
+
+def _port_key(spec: ServiceSpec) -> str:
+    if spec.role == "inference":
+        return f"{spec.config_key}.base_port / ports"
+    if spec.role == "policy":
+        return f"{spec.config_key}, on CPU following actor_rollout_ref.rollout.engine_kwargs.hf.port"
+    return f"{spec.config_key}.port"
 
 
 def probe(url: str, timeout_s: float = 2.0) -> tuple[bool, str]:

@@ -15,10 +15,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from recipe.atropos.launcher.config import LauncherConfig, LauncherConfigError, override_key
 
-__all__ = ["LaunchPlan", "Registration", "ServiceSpec", "build_plan", "format_plan", "REPO_ROOT"]
+__all__ = ["LaunchPlan", "PolicyEndpoint", "Registration", "ServiceSpec", "build_plan", "format_plan", "REPO_ROOT"]
 
 # The repo root: its verl/ overlay must come first on every child's sys.path.
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -33,7 +34,7 @@ class ServiceSpec:
     """One process to start. ``health_url`` None: nothing to wait for (the trainer)."""
 
     name: str
-    role: str  # "environment", "inference" or "trainer"
+    role: str  # "environment", "inference", "trainer", "trajectory_api" or "atropos_env"
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)  # added to the launcher's environment
     host: str | None = None
@@ -61,24 +62,47 @@ class Registration:
 
 
 @dataclass(frozen=True)
+class PolicyEndpoint:
+    """Trajectory mode: the trainer's policy endpoint, waited for before the environments start."""
+
+    base_url: str  # what environments get as {policy_base_url} (usually ends in /v1)
+    health_url: str  # GET {base_url without /v1}{health_path}
+    host: str
+    port: int | None
+    start_timeout_s: float
+    model: str
+    tokenizer: str
+
+
+@dataclass(frozen=True)
 class LaunchPlan:
-    """Everything a launch does, in order: environment, inference workers, registrations, trainer."""
+    """Everything a launch does, in order.
+
+    evaluate mode: environment service, inference workers, registrations, trainer.
+    trajectory mode: run-api, trainer, (the trainer's policy endpoint answers) environments.
+    """
 
     config: LauncherConfig
     config_file: Path
     run_dir: Path
     workdir: Path
-    environment: ServiceSpec
+    environment: ServiceSpec | None
     inference: tuple[ServiceSpec, ...]
     registrations: tuple[Registration, ...]
     trainer: ServiceSpec
     env_api_key: str | None
     base_env: dict[str, str]
+    mode: str = "evaluate"
+    trajectory_api: ServiceSpec | None = None
+    policy: PolicyEndpoint | None = None
+    environments: tuple[ServiceSpec, ...] = ()
 
     @property
     def services(self) -> tuple[ServiceSpec, ...]:
         """In start order."""
-        return (self.environment, *self.inference, self.trainer)
+        if self.mode == "trajectory":
+            return (*([self.trajectory_api] if self.trajectory_api else []), self.trainer, *self.environments)
+        return (*([self.environment] if self.environment else []), *self.inference, self.trainer)
 
     def child_env(self, spec: ServiceSpec) -> dict[str, str]:
         """The full environment of ``spec``'s process."""
@@ -113,6 +137,9 @@ def build_plan(
         "config_dir": str(config_file.parent),
         "config_name": config_file.stem,
     }
+
+    if cfg.mode == "trajectory":
+        return _trajectory_plan(cfg, config_file, overrides, run_dir, workdir, common, environ)
 
     env_cfg = cfg.environment
     api_key = env_cfg.api_key or environ.get("ATROPOS_ENV_API_KEY") or environ.get("ATROPOS_API_KEY") or None
@@ -156,6 +183,134 @@ def build_plan(
         trainer=trainer,
         env_api_key=api_key,
         base_env=_base_env(environ),
+    )
+
+
+def _trajectory_plan(
+    cfg: LauncherConfig,
+    config_file: Path,
+    overrides: Sequence[str],
+    run_dir: Path,
+    workdir: Path,
+    common: Mapping[str, str],
+    environ: Mapping[str, str],
+) -> LaunchPlan:
+    """Trajectory mode: run-api, the trainer pointed at it, then the Atropos environments."""
+    api_cfg = cfg.trajectory_api
+    trajectory_api = ServiceSpec(
+        name="run-api",
+        role="trajectory_api",
+        argv=_expand(api_cfg.command, {**common, "host": api_cfg.host, "port": str(api_cfg.port)}),
+        env=dict(api_cfg.env),
+        host=api_cfg.host,
+        port=api_cfg.port,
+        health_url=f"http://{connect_host(api_cfg.host)}:{api_cfg.port}{api_cfg.health_path}",
+        start_timeout_s=api_cfg.start_timeout_s,
+        config_key="launcher.trajectory_api",
+    )
+    trainer_cfg = cfg.trainer
+    trainer_argv = list(_expand(trainer_cfg.command, common))
+    if trainer_cfg.pass_config:
+        trainer_argv += ["--config-path", str(config_file.parent), "--config-name", config_file.stem, *overrides]
+    key = trainer_cfg.trajectory_api_url_override
+    trajectory_api_url = trajectory_api.base_url or ""
+    given = [o for o in overrides if key and override_key(o) == key and "=" in o]
+    if given:  # the user's URL: the environments push where the trainer pulls
+        trajectory_api_url = given[-1].split("=", 1)[1].strip("'\"")
+    elif key:
+        trainer_argv.append(f"{key}={trajectory_api_url}")
+    trainer = ServiceSpec(
+        name="trainer", role="trainer", argv=tuple(trainer_argv), env=dict(trainer_cfg.env), config_key="launcher.trainer"
+    )
+
+    policy = _policy_endpoint(cfg)
+    environments = []
+    for index, env_cfg in enumerate(cfg.environments):
+        values = {
+            **common,
+            "name": env_cfg.name,
+            "index": str(index),
+            "policy_base_url": policy.base_url,
+            "trajectory_api_url": trajectory_api_url,
+            "model": policy.model,
+            "tokenizer": policy.tokenizer,
+        }
+        environments.append(
+            ServiceSpec(
+                name=f"env-{env_cfg.name}",
+                role="atropos_env",
+                argv=_expand(env_cfg.command, values),
+                env={k: _fill(v, values) for k, v in env_cfg.env.items()},
+                config_key=f"launcher.environments[{index}]",
+            )
+        )
+    if not environments:
+        raise LauncherConfigError(
+            "trainer.atropos.mode=trajectory but launcher.environments is empty: nothing would generate batches "
+            "(see recipe/atropos/config/gsm8k_trajectory_cpu.yaml)"
+        )
+    port_checked = [trajectory_api]
+    if policy.port is not None and policy.host in _LOCAL_HOSTS:
+        port_checked.append(
+            ServiceSpec(
+                name="policy endpoint",
+                role="policy",
+                argv=(),
+                host=policy.host,
+                port=policy.port,
+                config_key="launcher.policy_endpoint.base_url",
+            )
+        )
+    _check_ports_distinct(port_checked)
+    return LaunchPlan(
+        config=cfg,
+        config_file=config_file,
+        run_dir=run_dir,
+        workdir=workdir,
+        environment=None,
+        inference=(),
+        registrations=(),
+        trainer=trainer,
+        env_api_key=None,
+        base_env=_base_env(environ),
+        mode="trajectory",
+        trajectory_api=trajectory_api,
+        policy=policy,
+        environments=tuple(environments),
+    )
+
+
+_LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _policy_endpoint(cfg: LauncherConfig) -> PolicyEndpoint:
+    pol = cfg.policy_endpoint
+    parsed = urlsplit(pol.base_url)
+    try:
+        port = parsed.port
+    except ValueError as exc:
+        raise LauncherConfigError(f"launcher.policy_endpoint.base_url {pol.base_url!r}: {exc}") from exc
+    if port == 0:
+        raise LauncherConfigError(
+            f"launcher.policy_endpoint.base_url {pol.base_url!r} has port 0: the environments need a known port. "
+            "Pin the policy server's port (on CPU actor_rollout_ref.rollout.engine_kwargs.hf.port=8001, which "
+            "this URL follows by default) or set launcher.policy_endpoint.base_url"
+        )
+    root = pol.base_url.rstrip("/").removesuffix("/v1")
+    if not pol.tokenizer and not pol.model:
+        raise LauncherConfigError(
+            "launcher.policy_endpoint.model and .tokenizer are both unset (and the config has no "
+            "actor_rollout_ref.model.path to default to)"
+        )
+    tokenizer = pol.tokenizer or pol.model or ""
+    return PolicyEndpoint(
+        base_url=pol.base_url,
+        health_url=f"{root}{pol.health_path}",
+        host=parsed.hostname or "",
+        port=port,
+        start_timeout_s=pol.start_timeout_s,
+        model=pol.model or tokenizer,
+        tokenizer=tokenizer,
     )
 
 
@@ -227,6 +382,12 @@ def _expand(words: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _fill(word: str, values: Mapping[str, str]) -> str:
+    """One word with its ``{name}`` placeholders filled (environment variable values)."""
+    pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
+    return pattern.sub(lambda m: values[m.group(1)], word)
+
+
 def _base_env(environ: Mapping[str, str]) -> dict[str, str]:
     """The launcher's environment, with the repo root first on PYTHONPATH (the verl overlay)."""
     env = dict(environ)
@@ -274,7 +435,25 @@ def format_plan(plan: LaunchPlan) -> str:
             lines.append(f"   wait:    GET {spec.health_url} answers 200 (timeout {spec.start_timeout_s:g} s)")
         lines.append(f"   log:     {plan.run_dir / (spec.name + '.log')}")
 
+    if plan.mode == "trajectory":
+        lines.insert(3, "mode:    trajectory (trainer.atropos.mode): run-api, trainer, then the environments")
+        describe(plan.trajectory_api, "atroposlib trajectory API; its exit ends the run")  # type: ignore[arg-type]
+        describe(plan.trainer, "its exit ends the run with its exit code")
+        policy = plan.policy
+        assert policy is not None
+        step += 1
+        lines.append(f"{step}. wait for the trainer's policy endpoint {policy.base_url}")
+        lines.append(f"   wait:    GET {policy.health_url} answers 200 (timeout {policy.start_timeout_s:g} s)")
+        for env_cfg, spec in zip(plan.config.environments, plan.environments, strict=True):
+            describe(
+                spec,
+                f"Atropos environment; restarted up to {env_cfg.max_restarts} time(s) in a row if it dies, "
+                f"backoff {env_cfg.restart_backoff_s:g} s doubling",
+            )
+        return "\n".join(lines)
+
     env_cfg = plan.config.environment
+    assert plan.environment is not None
     describe(
         plan.environment,
         f"restarted up to {env_cfg.max_restarts} time(s) in a row if it dies, "

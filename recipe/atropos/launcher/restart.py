@@ -6,6 +6,10 @@ restarted rather than ending the run, but a service that keeps dying is a real p
 ``max_restarts`` restarts in a row the run ends. A restarted service that stays up for
 ``stable_after_s`` resets that count, so a crash a day does not add up to the end of a long run.
 
+The same keeper restarts each Atropos environment of trajectory mode (``launcher.environments``,
+which have no health URL: a restarted one counts as up once started; the trainer just waits for
+batches meanwhile).
+
 This is a state machine driven by :meth:`EnvironmentKeeper.tick` from the supervision loop, never
 a blocking wait: the loop must keep watching the trainer and the inference workers meanwhile.
 """
@@ -16,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from recipe.atropos.launcher.config import EnvironmentConfig
+from recipe.atropos.launcher.config import AtroposEnvironmentConfig, EnvironmentConfig
 from recipe.atropos.launcher.health import LaunchError, probe
 from recipe.atropos.launcher.process import ManagedProcess
 
@@ -38,8 +42,10 @@ class EnvironmentKeeper:
     def __init__(
         self,
         proc: ManagedProcess,
-        cfg: EnvironmentConfig,
+        cfg: EnvironmentConfig | AtroposEnvironmentConfig,
         *,
+        label: str = "environment service",
+        meanwhile: str = "the trainer uses standard GRPO if trainer.atropos.fallback_to_grpo is true",
         grace_s: float,
         progress_interval_s: float,
         on_healthy: Callable[[], None] = lambda: None,
@@ -50,6 +56,8 @@ class EnvironmentKeeper:
         self.proc = proc
         self.start = start or proc.start
         self.cfg = cfg
+        self.label = label
+        self.meanwhile = meanwhile
         self.grace_s = grace_s
         self.progress_interval_s = progress_interval_s
         self.on_healthy = on_healthy
@@ -71,7 +79,8 @@ class EnvironmentKeeper:
             code = self.proc.poll()
             if code is not None:
                 logger.warning(
-                    "environment service exited with code %s; last lines of %s:\n%s",
+                    "%s exited with code %s; last lines of %s:\n%s",
+                    self.label,
                     code,
                     self.proc.log_path,
                     self.proc.tail(15),
@@ -79,15 +88,20 @@ class EnvironmentKeeper:
                 self.proc.stop(self.grace_s)  # whatever it started goes with it (and frees the port)
                 self._schedule(f"exited with code {code}", now)
             elif self.failures_in_row and now - self._healthy_since >= self.cfg.stable_after_s:
-                logger.info("environment service up for %.0f s: restart count reset", now - self._healthy_since)
+                logger.info("%s up for %.0f s: restart count reset", self.label, now - self._healthy_since)
                 self.failures_in_row = 0
         elif self.state == BACKOFF:
             if now >= self._restart_at:
                 self.restarts += 1
                 self.start()
-                logger.info(
-                    "environment service restarted (pid %s), waiting for %s", self.proc.pid, self.proc.spec.health_url
-                )
+                if not self.proc.spec.health_url:  # nothing to wait for: up once started
+                    logger.info("%s restarted (pid %s)", self.label, self.proc.pid)
+                    self.state = UP
+                    self._healthy_since = self.clock()
+                    self.on_change()
+                    self.on_healthy()
+                    return
+                logger.info("%s restarted (pid %s), waiting for %s", self.label, self.proc.pid, self.proc.spec.health_url)
                 self.state = STARTING
                 self._deadline = now + self.cfg.start_timeout_s
                 self._next_progress = now + self.progress_interval_s
@@ -99,20 +113,21 @@ class EnvironmentKeeper:
     def _check_starting(self, now: float) -> None:
         code = self.proc.poll()
         if code is not None:
-            logger.warning("restarted environment service exited with code %s:\n%s", code, self.proc.tail(15))
+            logger.warning("restarted %s exited with code %s:\n%s", self.label, code, self.proc.tail(15))
             self.proc.stop(self.grace_s)
             self._schedule(f"exited with code {code} while restarting", now)
             return
         healthy, self._last_seen = probe(self.proc.spec.health_url or "")
         if healthy:
-            logger.info("environment service is healthy again after restart %d", self.restarts)
+            logger.info("%s is healthy again after restart %d", self.label, self.restarts)
             self.state = UP
             self._healthy_since = self.clock()
             self.on_change()
             self.on_healthy()
         elif now >= self._deadline:
             logger.warning(
-                "restarted environment service not healthy within %g s (%s):\n%s",
+                "restarted %s not healthy within %g s (%s):\n%s",
+                self.label,
                 self.cfg.start_timeout_s,
                 self._last_seen,
                 self.proc.tail(15),
@@ -121,7 +136,8 @@ class EnvironmentKeeper:
             self._schedule(f"was not healthy within {self.cfg.start_timeout_s:g} s of a restart", now)
         elif now >= self._next_progress:
             logger.info(
-                "waiting for the restarted environment service (%s): %.0f s of %g s",
+                "waiting for the restarted %s (%s): %.0f s of %g s",
+                self.label,
                 self._last_seen,
                 now - (self._deadline - self.cfg.start_timeout_s),
                 self.cfg.start_timeout_s,
@@ -131,18 +147,19 @@ class EnvironmentKeeper:
     def _schedule(self, reason: str, now: float) -> None:
         if self.failures_in_row >= self.cfg.max_restarts:
             raise LaunchError(
-                f"environment service {reason}; giving up after {self.failures_in_row} restart(s) in a row "
-                f"(launcher.environment.max_restarts={self.cfg.max_restarts}); last lines of "
+                f"{self.label} {reason}; giving up after {self.failures_in_row} restart(s) in a row "
+                f"({self.proc.spec.config_key}.max_restarts={self.cfg.max_restarts}); last lines of "
                 f"{self.proc.log_path}:\n{self.proc.tail()}"
             )
         self.failures_in_row += 1
         delay = min(self.cfg.restart_backoff_s * 2 ** (self.failures_in_row - 1), self.cfg.restart_backoff_max_s)
         logger.warning(
-            "restarting the environment service in %.1f s (restart %d of at most %d in a row); meanwhile "
-            "the trainer uses standard GRPO if trainer.atropos.fallback_to_grpo is true",
+            "restarting the %s in %.1f s (restart %d of at most %d in a row); meanwhile %s",
+            self.label,
             delay,
             self.failures_in_row,
             self.cfg.max_restarts,
+            self.meanwhile,
         )
         self.state = BACKOFF
         self._restart_at = now + delay

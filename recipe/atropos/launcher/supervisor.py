@@ -5,6 +5,12 @@ worker with the service, trainer. Then, until the trainer exits: a dead environm
 restarted (:mod:`.restart`), a dead inference worker ends the run (the environment's judge or tool
 calls would fail from then on, silently degrading training). Whatever ends the run, an exception,
 the trainer's exit, SIGINT or SIGTERM, every process tree started here is stopped in ``finally``.
+
+Trajectory mode (``trainer.atropos.mode: trajectory``): atroposlib's run-api (wait for it), the
+trainer pointed at it, then, once the trainer's policy endpoint answers, the Atropos environments.
+A dead environment is restarted (bounded, as the environment service); the trainer waits for
+batches meanwhile. A dead run-api ends the run: it held the queue and the trainer's registration.
+No environment service is started and nothing is registered.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from contextlib import contextmanager
 from types import FrameType
 
 from recipe.atropos.launcher.console import LogEcho
-from recipe.atropos.launcher.health import LaunchError, check_ports_free, wait_until_healthy
+from recipe.atropos.launcher.health import LaunchError, check_ports_free, probe, wait_until_healthy
 from recipe.atropos.launcher.plan import LaunchPlan, ServiceSpec
 from recipe.atropos.launcher.process import ManagedProcess, terminate_all
 from recipe.atropos.launcher.restart import EnvironmentKeeper
@@ -54,6 +60,7 @@ class Launcher:
         self.echo = LogEcho() if console else None
         self.processes: dict[str, ManagedProcess] = {}
         self.keeper: EnvironmentKeeper | None = None
+        self.env_keepers: dict[str, EnvironmentKeeper] = {}
         self.stopping = False
         self._log_handler: logging.Handler | None = None
         self._in_critical_section = False
@@ -84,6 +91,8 @@ class Launcher:
         """Launch and supervise; returns the trainer's exit code. Raises :class:`LaunchError`."""
         try:
             # Before anything is created or started: a taken port fails the launch here.
+            if self.plan.mode == "trajectory":
+                return self._run_trajectory()
             check_ports_free([s for s in self.plan.services if s.port is not None])
             self._open_run_dir()
             self._start_environment()
@@ -94,6 +103,96 @@ class Launcher:
             return self._supervise(trainer)
         finally:
             self.shutdown()
+
+    # ---- trajectory mode ------------------------------------------------------------------
+
+    def _run_trajectory(self) -> int:
+        plan = self.plan
+        api_spec, policy = plan.trajectory_api, plan.policy
+        assert api_spec is not None and policy is not None
+        checked = [api_spec]
+        if policy.port is not None and policy.host in ("127.0.0.1", "localhost", "::1", "[::1]"):
+            # Something already answering there would pass for the trainer's endpoint.
+            checked.append(
+                ServiceSpec(
+                    name="the trainer's policy endpoint",
+                    role="policy",
+                    argv=(),
+                    host=policy.host,
+                    port=policy.port,
+                    config_key="launcher.policy_endpoint.base_url",
+                )
+            )
+        check_ports_free(checked)
+        self._open_run_dir()
+        api = self._start(api_spec)
+        logger.info("run-api started (pid %s), waiting for %s", api.pid, api_spec.health_url)
+        wait_until_healthy([api], api_spec.start_timeout_s, plan.config.progress_interval_s)
+        trainer = self._start(plan.trainer)
+        logger.info("trainer started (pid %s); its log: %s", trainer.pid, trainer.log_path)
+        code = self._wait_for_policy(trainer, api)
+        if code is not None:
+            return code
+        for spec, env_cfg in zip(plan.environments, plan.config.environments, strict=True):
+            proc = self._start(spec)
+            logger.info("started %s (pid %s); its log: %s", spec.name, proc.pid, proc.log_path)
+            self.env_keepers[spec.name] = EnvironmentKeeper(
+                proc,
+                env_cfg,
+                label=f"environment {spec.name}",
+                meanwhile="the trainer waits for batches",
+                grace_s=plan.config.shutdown_grace_s,
+                progress_interval_s=plan.config.progress_interval_s,
+                on_change=self._write_state,
+                start=lambda proc=proc: self._restart(proc),
+            )
+        self._write_state()
+        return self._supervise(trainer, watched=[api])
+
+    def _wait_for_policy(self, trainer: ManagedProcess, api: ManagedProcess) -> int | None:
+        """Wait until the trainer's policy endpoint answers; the trainer's exit code if it exits first."""
+        policy = self.plan.policy
+        assert policy is not None
+        logger.info("waiting for the trainer's policy endpoint: %s", policy.health_url)
+        start = time.monotonic()
+        next_progress = start + self.plan.config.progress_interval_s
+        seen = "no answer yet"
+        while True:
+            code = trainer.poll()
+            if code is not None:
+                self._write_state()
+                logger.info("trainer exited with code %s before its policy endpoint answered: ending the run", code)
+                return code if code >= 0 else 128 - code
+            self._check_alive(api, "the trajectory API")
+            healthy, seen = probe(policy.health_url)
+            now = time.monotonic()
+            if healthy:
+                logger.info("policy endpoint is healthy (%s, %.1f s)", policy.health_url, now - start)
+                return None
+            if now - start >= policy.start_timeout_s:
+                raise LaunchError(
+                    f"the trainer's policy endpoint {policy.health_url} did not answer within "
+                    f"{policy.start_timeout_s:g} s ({seen}); check launcher.policy_endpoint.base_url (on CPU it "
+                    f"follows actor_rollout_ref.rollout.engine_kwargs.hf.port); last lines of "
+                    f"{trainer.log_path}:\n{trainer.tail()}"
+                )
+            if now >= next_progress:
+                logger.info(
+                    "waiting for the policy endpoint (%s): %.0f s of %g s", seen, now - start, policy.start_timeout_s
+                )
+                next_progress = now + self.plan.config.progress_interval_s
+            time.sleep(0.5)
+
+    def _check_alive(self, proc: ManagedProcess, what: str) -> None:
+        code = proc.poll()
+        if code is not None:
+            self._write_state()
+            raise LaunchError(
+                f"{what} ({proc.name}) exited with code {code}: ending the run; last lines of "
+                f"{proc.log_path}:\n{proc.tail()}"
+            )
+
+    # ---- evaluate mode --------------------------------------------------------------------
 
     def _start_environment(self) -> None:
         proc = self._start(self.plan.environment)
@@ -151,7 +250,7 @@ class Launcher:
                     "registered %s (%s, model %s) with the environment service", reg.worker, reg.base_url, reg.model
                 )
 
-    def _supervise(self, trainer: ManagedProcess) -> int:
+    def _supervise(self, trainer: ManagedProcess, watched: list[ManagedProcess] | None = None) -> int:
         poll_s = self.plan.config.poll_interval_s
         workers = [self.processes[s.name] for s in self.plan.inference]
         while True:
@@ -168,8 +267,12 @@ class Launcher:
                         f"inference worker {worker.name} exited with code {worker_code}: ending the run; "
                         f"last lines of {worker.log_path}:\n{worker.tail()}"
                     )
+            for proc in watched or ():
+                self._check_alive(proc, "the trajectory API")
             if self.keeper is not None:
                 self.keeper.tick()
+            for keeper in self.env_keepers.values():
+                keeper.tick()
             time.sleep(poll_s)
 
     # ---- processes, state and logs ------------------------------------------------------
@@ -215,7 +318,10 @@ class Launcher:
         if self.keeper is not None:
             services["environment"]["restart_state"] = self.keeper.state
             services["environment"]["restarts"] = self.keeper.restarts
-        state = {"launcher_pid": os.getpid(), "stopping": self.stopping, "services": services}
+        for name, keeper in self.env_keepers.items():
+            services[name]["restart_state"] = keeper.state
+            services[name]["restarts"] = keeper.restarts
+        state = {"launcher_pid": os.getpid(), "mode": self.plan.mode, "stopping": self.stopping, "services": services}
         path = self.plan.run_dir / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))

@@ -29,6 +29,18 @@ def find_free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
+def port_is_free(port: int) -> bool:
+    """True when a server could bind ``port`` on loopback now (SO_REUSEADDR, as uvicorn binds, so
+    a port left in TIME_WAIT by earlier connections counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((LOOPBACK_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
 def wait_for_http_ok(
     url: str, timeout_s: float = 60.0, *, process: subprocess.Popen | None = None, log_path: Path | None = None
 ) -> None:

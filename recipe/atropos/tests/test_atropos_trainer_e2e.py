@@ -6,9 +6,7 @@ model) as a subprocess, reads verl's metrics file as the run goes, and acts on t
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -65,15 +63,15 @@ def test_overrides_every_step_then_fallback_while_the_service_is_down_then_resum
     port = find_free_loopback_port()
     service = _service(port).start()
     metrics_path = tmp_path / "metrics.jsonl"
-    trainer = _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}", "trainer.total_training_steps=9")
+    trainer = _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}", "trainer.total_training_steps=10")
     follower, seen, restarted = StepFollower(metrics_path), [], None
     try:
         deadline = time.monotonic() + 360
         while trainer.poll() is None and time.monotonic() < deadline:
             for step in follower.new_steps():
                 seen.append(step)
-                if step["step"] == 3 and service.process.poll() is None:
-                    service.stop()  # killed mid-run
+                if step["step"] == 2 and service.process.poll() is None:
+                    service.stop()  # killed mid-run (step 3's request may already be out)
                 if step["step"] == 5:
                     restarted = _service(port).start()
             time.sleep(0.2)
@@ -85,16 +83,17 @@ def test_overrides_every_step_then_fallback_while_the_service_is_down_then_resum
             restarted.stop()
     assert trainer.returncode == 0, _output(metrics_path)[-5000:]
     steps = {s["step"]: s for s in read_steps(metrics_path)}
-    assert sorted(steps) == list(range(1, 10))  # training went on through the outage
-    for n in (1, 2, 3):  # the service's advantages on every step while it is up
+    assert sorted(steps) == list(range(1, 11))  # training went on through the outage
+    for n in (1, 2):  # the service's advantages on every step while it is up
         assert steps[n]["atropos/override_fraction"] == 1.0 and steps[n]["atropos/fallback"] == 0.0, n
         assert steps[n]["atropos/env/accuracy"] >= 0.0 and steps[n]["atropos/api_latency_s"] > 0
-    # Down from the end of step 3 until step 5 is logged: the steps in between fall back to GRPO.
-    assert steps[4]["atropos/fallback"] == 1.0 and steps[4]["atropos/override_fraction"] == 0.0
-    assert steps[5]["atropos/fallback"] == 1.0
-    # Back: overrides resume.
-    assert steps[9]["atropos/fallback"] == 0.0 and steps[9]["atropos/override_fraction"] == 1.0
-    assert steps[9]["atropos/fallback_steps_total"] >= 2
+    # Down from the end of step 2 until step 5 is logged: the steps that asked meanwhile fall back.
+    for n in (4, 5):
+        assert steps[n]["atropos/fallback"] == 1.0 and steps[n]["atropos/override_fraction"] == 0.0, n
+    # Back (restarted as step 5 was logged, in about a second): overrides resume.
+    for n in (9, 10):
+        assert steps[n]["atropos/fallback"] == 0.0 and steps[n]["atropos/override_fraction"] == 1.0, n
+    assert steps[10]["atropos/fallback_steps_total"] >= 2
     output = _output(metrics_path)
     assert output.count("using standard GRPO until it answers again") == 1  # one warning per outage
     assert "answers again after" in output

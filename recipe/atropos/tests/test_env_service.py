@@ -10,7 +10,6 @@ import gzip
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from hypothesis import strategies as st
 
 from recipe.atropos import wire
 from recipe.atropos.environments.gsm8k import GSM8KConfig
-from recipe.atropos.tests.servers import LOOPBACK_HOST, REPO_ROOT, ServerProcess, find_free_loopback_port
+from recipe.atropos.tests.servers import LOOPBACK_HOST, REPO_ROOT, ServerProcess, find_free_loopback_port, port_is_free
 from recipe.atropos.tests.test_gsm8k_env import save_tiny_tokenizer
 
 SERVER_FILE = "recipe/atropos/environments/gsm8k_server.py"
@@ -141,21 +140,10 @@ def gsm8k_batch(correct: Sequence[bool], groups: Sequence, seed: int = 0) -> dic
 # --------------------------------------------------------------------------------------------
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        # As uvicorn binds: a port left in TIME_WAIT by an earlier test's connections is free.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((LOOPBACK_HOST, port))
-        except OSError:
-            return False
-    return True
-
-
 @pytest.mark.timeout(120)
 def test_seed_curl_health_on_default_port():
     """`python recipe/atropos/environments/gsm8k_server.py serve --slurm false`, then `curl http://localhost:9001/health`."""
-    if not _port_free(9001):
+    if not port_is_free(9001):
         pytest.skip("port 9001 is taken on this machine (run under loopback-only)")
     argv = [sys.executable, SERVER_FILE, "serve", "--slurm", "false"]
     with ServerProcess(argv, port=9001).start(startup_timeout_s=90):

@@ -166,3 +166,28 @@ def test_api_key_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("ATROPOS_API_KEY", "secret")
     assert AtroposTrainerConfig.from_config({}).api_key == "secret"
     assert AtroposTrainerConfig.from_config({"api_key": "given"}).api_key == "given"
+
+
+def test_retries_of_the_steps_request_are_counted(server, tokenizer):
+    server.inject(EVALUATE, Fault(status=503), times=1)
+    feedback = make_feedback(server, tokenizer)
+    batch = make_batch(tokenizer)
+    feedback.submit(batch, step=1)
+    feedback._pending.future.result()  # the request is done before the update asks, as usual
+    metrics = feedback.apply(batch, step=1)
+    assert metrics["atropos/retries"] == 1.0 and metrics["atropos/fallback"] == 0.0
+
+
+def test_token_lists_follow_the_mask_they_were_made_for(server, tokenizer):
+    """verl's rollout correction may drop response tokens after the request went out."""
+    feedback = make_feedback(server, tokenizer)
+    batch = make_batch(tokenizer)
+    feedback.submit(batch, step=1)
+    sent_mask = batch.batch["response_mask"].clone()
+    batch.batch["response_mask"][0, 0] = 0  # rejected after the request
+    metrics = feedback.apply(batch, step=1)
+    assert metrics["atropos/shape_mismatches"] == 0.0 and metrics["atropos/override_fraction"] == 1.0
+    advantages = batch.batch["advantages"]
+    assert advantages[0, 0] == 0  # the dropped token trains on nothing
+    assert torch.equal(advantages[1][sent_mask[1].bool()], advantages[1][sent_mask[1].bool()][0].expand(int(sent_mask[1].sum())))
+    assert (advantages[0][1:][sent_mask[0, 1:].bool()] != 0).all()

@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from recipe.atropos.tests.conftest import REPO_ROOT, repo_env
-from recipe.atropos.tests.servers import LOOPBACK_HOST, find_free_loopback_port
+from recipe.atropos.tests.servers import LOOPBACK_HOST, find_free_loopback_port, port_is_free
 
 LAUNCHER = REPO_ROOT / "recipe" / "atropos" / "launch_atropos_verl_services.py"
 CONFIG = REPO_ROOT / "recipe" / "atropos" / "config" / "gsm8k_grpo_example.yaml"
@@ -134,15 +134,6 @@ def is_gone(pid: int, create_time: float | None = None) -> bool:
     except psutil.NoSuchProcess:
         return True
 
-
-def port_is_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((LOOPBACK_HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def assert_services_gone(launch: Launch) -> None:

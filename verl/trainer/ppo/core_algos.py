@@ -164,7 +164,7 @@ def compute_grpo_outcome_advantage(
             # mask of an overridden row are an error; anywhere else they must not leak in.
             _raise_on_non_finite_override(overrides_BT, response_mask, override_B)
             advantages_BT = torch.where(override_B.unsqueeze(-1), overrides_BT, scalar_B.unsqueeze(-1))
-            advantages_BT = advantages_BT.masked_fill(~response_mask.bool(), 0.0) * response_mask
+            advantages_BT = torch.where(response_mask.bool(), advantages_BT * response_mask, 0.0)
         return advantages_BT, advantages_BT
 
 
