@@ -10,6 +10,8 @@ from typing import Any
 API_KEY_ENV = "ATROPOS_API_KEY"
 _ENCODINGS = ("auto", "json", "msgpack")
 _MODES = ("evaluate", "trajectory")
+# What YAML may give for each annotation of the dataclass (ints are fine where floats are wanted).
+_ACCEPTED_TYPES = {"str": str, "bool": bool, "float": (int, float), "int": int, "str | None": (str, type(None))}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,7 +41,7 @@ class AtroposTrainerConfig:
         if unknown:
             raise ValueError(f"trainer.atropos has unknown keys {unknown}; known: {sorted(known)}")
         for name, value in values.items():
-            expected = {"str": str, "bool": bool, "float": (int, float), "int": int, "str | None": (str, type(None))}[known[name].type]
+            expected = _ACCEPTED_TYPES[known[name].type]
             if not isinstance(value, expected) or (known[name].type in ("float", "int") and isinstance(value, bool)):
                 raise ValueError(f"trainer.atropos.{name} must be {known[name].type}, got {value!r}")
         if values.get("api_key") is None and os.environ.get(API_KEY_ENV):
