@@ -38,7 +38,7 @@ supervision:
   the trainer's exit ends the run with its exit code; a dead environment service is restarted
   (launcher.environment.max_restarts in a row, backoff restart_backoff_s doubling); a dead
   inference worker ends the run. Trajectory mode: a dead environment is restarted
-  (launcher.environments[i].max_restarts); a dead run-api ends the run. SIGINT/SIGTERM or any
+  (launcher.environments[i].max_restarts); a dead run-api ends the run. SIGINT/SIGTERM/SIGHUP or any
   error stops every process tree started (SIGTERM, launcher.shutdown_grace_s, SIGKILL).
 
 files (run folder, default outputs/launch/<timestamp>/):
