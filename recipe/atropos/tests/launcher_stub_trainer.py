@@ -64,24 +64,34 @@ def main(argv: list[str]) -> int:
     print(f"stub trainer: api_url={api_url} health={report.get('health_status')}", flush=True)
 
     wait_for = os.environ.get("STUB_TRAINER_WAIT_FOR")
-    if wait_for:
-        deadline = time.monotonic() + float(os.environ.get("STUB_TRAINER_MAX_WAIT_S", "60"))
-        while not Path(wait_for).exists():
-            if time.monotonic() > deadline:
-                print("stub trainer: gave up waiting", flush=True)
-                return 4
-            time.sleep(0.1)
+    if wait_for and not wait_for_file(wait_for, float(os.environ.get("STUB_TRAINER_MAX_WAIT_S", "60"))):
+        print("stub trainer: gave up waiting", flush=True)
+        return 4
     code = int(os.environ.get("STUB_TRAINER_EXIT_CODE", "0"))
     print(f"stub trainer: done, exit {code}", flush=True)
     return code
 
 
-def _write(report: dict) -> None:
-    path = os.environ.get("STUB_TRAINER_REPORT")
+def wait_for_file(path: str, max_wait_s: float) -> bool:
+    """True once `path` exists (a test's signal to finish), False after `max_wait_s`."""
+    deadline = time.monotonic() + max_wait_s
+    while not Path(path).exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def write_report(report: dict, path: str | None) -> None:
+    """Write `report` as JSON to `path` (if any) atomically, so a polling test never reads half of it."""
     if path:
         tmp = Path(path + ".tmp")
         tmp.write_text(json.dumps(report))
         os.replace(tmp, path)
+
+
+def _write(report: dict) -> None:
+    write_report(report, os.environ.get("STUB_TRAINER_REPORT"))
 
 
 if __name__ == "__main__":

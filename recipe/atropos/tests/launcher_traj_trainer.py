@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import requests
+
+from recipe.atropos.tests.launcher_stub_trainer import wait_for_file, write_report
 
 URL_KEY = "trainer.atropos.trajectory_api_url="
 PORT_KEY = "actor_rollout_ref.rollout.engine_kwargs.hf.port="
@@ -53,23 +54,15 @@ def main(argv: list[str]) -> int:
     _write(report)
     print(f"stand-in trainer: policy /health on port {port}, run-api {url}", flush=True)
     wait_for = os.environ.get("TRAJ_WAIT_FOR")
-    if wait_for:
-        deadline = time.monotonic() + 60
-        while not Path(wait_for).exists():
-            if time.monotonic() > deadline:
-                return 4
-            time.sleep(0.1)
+    if wait_for and not wait_for_file(wait_for, 60):
+        return 4
     code = int(os.environ.get("TRAJ_EXIT_CODE", "0"))
     print(f"stand-in trainer: done, exit {code}", flush=True)
     return code
 
 
 def _write(report: dict) -> None:
-    path = os.environ.get("TRAJ_TRAINER_REPORT")
-    if path:
-        tmp = Path(path + ".tmp")
-        tmp.write_text(json.dumps(report))
-        os.replace(tmp, path)
+    write_report(report, os.environ.get("TRAJ_TRAINER_REPORT"))
 
 
 if __name__ == "__main__":
