@@ -102,11 +102,14 @@ class EnvironmentFeedback:
 
     def submit(self, batch: DataProto, step: int) -> None:
         """Start this step's request on the background thread."""
+        # The request and the alignment of its answer use this mask, as it is now: verl may change
+        # the batch's own before the update (rollout correction drops tokens).
         view = BatchView.of(batch)
+        view = dataclasses.replace(view, response_mask_BT=view.response_mask_BT.clone())
         self._pending = _PendingRequest(
             future=self._executor.submit(self._request, view, step),
             uids_B=view.uids_B,
-            response_mask_BT=view.response_mask_BT.clone(),  # verl may change the batch's own later
+            response_mask_BT=view.response_mask_BT,
             retries_before=self.client.stats.retries,
         )
 
