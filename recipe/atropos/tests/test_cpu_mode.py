@@ -239,8 +239,15 @@ print(json.dumps({
 """
 
 
-def test_cpu_platform_activation_in_a_fresh_verl_process():
-    env = repo_env(**CPU_MODE_ENV, PROBE_PORT=str(find_free_loopback_port()))
+@pytest.mark.parametrize(
+    "selection",
+    [CPU_MODE_ENV, {"VERL_PLATFORM": "cpu"}],  # the second through the installed `verl.plugins` entry point
+    ids=["external-modules", "entry-point"],
+)
+def test_cpu_platform_activation_in_a_fresh_verl_process(selection):
+    env = repo_env(**selection, PROBE_PORT=str(find_free_loopback_port()))
+    if "VERL_USE_EXTERNAL_MODULES" not in selection:
+        env.pop("VERL_USE_EXTERNAL_MODULES", None)  # only the entry point can load the package then
     result = subprocess.run(
         [PYTHON, "-c", _ACTIVATION_PROBE], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120
     )
