@@ -249,19 +249,7 @@ def _trajectory_plan(
             "trainer.atropos.mode=trajectory but launcher.environments is empty: nothing would generate batches "
             "(see recipe/atropos/config/gsm8k_trajectory_cpu.yaml)"
         )
-    port_checked = [trajectory_api]
-    if policy.port is not None and policy.host in _LOCAL_HOSTS:
-        port_checked.append(
-            ServiceSpec(
-                name="policy endpoint",
-                role="policy",
-                argv=(),
-                host=policy.host,
-                port=policy.port,
-                config_key="launcher.policy_endpoint.base_url",
-            )
-        )
-    _check_ports_distinct(port_checked)
+    _check_ports_distinct([trajectory_api, *trajectory_ports_to_check(policy)])
     return LaunchPlan(
         config=cfg,
         config_file=config_file,
@@ -395,6 +383,23 @@ def _base_env(environ: Mapping[str, str]) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *rest])
     env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they happen
     return env
+
+
+def trajectory_ports_to_check(policy: PolicyEndpoint) -> list[ServiceSpec]:
+    """The trainer's policy endpoint as a port that must be free before the launch, when it is local:
+    something already answering there would pass for the trainer's endpoint."""
+    if policy.port is None or policy.host not in _LOCAL_HOSTS:
+        return []
+    return [
+        ServiceSpec(
+            name="the trainer's policy endpoint",
+            role="policy",
+            argv=(),
+            host=policy.host,
+            port=policy.port,
+            config_key="launcher.policy_endpoint.base_url",
+        )
+    ]
 
 
 def _check_ports_distinct(services: Sequence[ServiceSpec]) -> None:

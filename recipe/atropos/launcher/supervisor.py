@@ -26,7 +26,7 @@ from types import FrameType
 
 from recipe.atropos.launcher.console import LogEcho
 from recipe.atropos.launcher.health import LaunchError, check_ports_free, probe, wait_until_healthy
-from recipe.atropos.launcher.plan import LaunchPlan, ServiceSpec
+from recipe.atropos.launcher.plan import LaunchPlan, ServiceSpec, trajectory_ports_to_check
 from recipe.atropos.launcher.process import ManagedProcess, terminate_all
 from recipe.atropos.launcher.restart import EnvironmentKeeper
 
@@ -110,20 +110,7 @@ class Launcher:
         plan = self.plan
         api_spec, policy = plan.trajectory_api, plan.policy
         assert api_spec is not None and policy is not None
-        checked = [api_spec]
-        if policy.port is not None and policy.host in ("127.0.0.1", "localhost", "::1", "[::1]"):
-            # Something already answering there would pass for the trainer's endpoint.
-            checked.append(
-                ServiceSpec(
-                    name="the trainer's policy endpoint",
-                    role="policy",
-                    argv=(),
-                    host=policy.host,
-                    port=policy.port,
-                    config_key="launcher.policy_endpoint.base_url",
-                )
-            )
-        check_ports_free(checked)
+        check_ports_free([api_spec, *trajectory_ports_to_check(policy)])
         self._open_run_dir()
         api = self._start(api_spec)
         logger.info("run-api started (pid %s), waiting for %s", api.pid, api_spec.health_url)
