@@ -151,3 +151,11 @@ def start_atropos_run_api(port: int | None = None, startup_timeout_s: float = 60
     port = port or find_free_loopback_port()
     argv = [sys.executable, "-m", "atroposlib.cli.run_api", "--host", LOOPBACK_HOST, "--port", str(port)]
     return start_server_process(argv, port=port, health_path="/", startup_timeout_s=startup_timeout_s)
+
+
+def start_cpu_policy_server(model_dir: Path | str, served_model_name: str = "tiny") -> ServerProcess:
+    """The repo's CPU policy server (`recipe.atropos.cpu.openai_api`) for `model_dir`, on a free loopback port."""
+    port = find_free_loopback_port()
+    argv = [sys.executable, "-m", "recipe.atropos.cpu.openai_api", "--model", str(model_dir),
+            "--port", str(port), "--served-model-name", served_model_name]
+    return start_server_process(argv, port=port, startup_timeout_s=120)

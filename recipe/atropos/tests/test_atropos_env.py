@@ -24,7 +24,7 @@ from recipe.atropos.environments.atropos_gsm8k_env import (
 )
 from recipe.atropos.environments.gsm8k import AnswerMatcher
 from recipe.atropos.tests.conftest import REPO_ROOT, repo_env
-from recipe.atropos.tests.servers import find_free_loopback_port, start_atropos_run_api, start_server_process
+from recipe.atropos.tests.servers import start_atropos_run_api, start_cpu_policy_server
 from recipe.atropos.trajectory import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
 
 GROUP_SIZE = 4
@@ -100,14 +100,8 @@ def _wait_for_batch(client: AtroposEnvironmentClient, env: EnvProcess, timeout_s
 
 @pytest.mark.timeout(300)
 def test_env_generates_scores_and_groups_arrive_as_a_verl_batch(tiny_assets, tmp_path):
-    policy_port = find_free_loopback_port()
-    policy = start_server_process(
-        [sys.executable, "-m", "recipe.atropos.cpu.openai_api", "--model", str(tiny_assets.model_dir),
-         "--port", str(policy_port), "--served-model-name", "tiny"],
-        port=policy_port,
-        startup_timeout_s=120,
-        env=repo_env(),
-    )
+    policy = start_cpu_policy_server(tiny_assets.model_dir)
+    policy_port = policy.port
     api = start_atropos_run_api()
     env_process = None
     try:

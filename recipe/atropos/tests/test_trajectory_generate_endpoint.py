@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 
 import pytest
 import requests
 
-from recipe.atropos.tests.conftest import repo_env
-from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
+from recipe.atropos.tests.servers import start_cpu_policy_server
 
 
 @pytest.fixture(scope="module")
 def policy_server(tiny_assets):
-    port = find_free_loopback_port()
-    server = start_server_process(
-        [sys.executable, "-m", "recipe.atropos.cpu.openai_api", "--model", str(tiny_assets.model_dir),
-         "--port", str(port), "--served-model-name", "tiny"],
-        port=port,
-        startup_timeout_s=120,
-        env=repo_env(),
-    )
+    server = start_cpu_policy_server(tiny_assets.model_dir)
     yield server
     server.stop()
 
