@@ -31,6 +31,10 @@ class AtroposTrainerConfig:
     mode: str = "evaluate"
     trajectory_api_url: str = "http://localhost:8000"
     batch_timeout_s: float = 600.0
+    policy_gateway_host: str = "127.0.0.1"
+    policy_gateway_port: int = 8001
+    policy_hold_timeout_s: float = 1800.0
+    policy_drain_timeout_s: float = 120.0
 
     @classmethod
     def from_config(cls, node: Mapping[str, Any] | None) -> AtroposTrainerConfig:
@@ -55,5 +59,12 @@ class AtroposTrainerConfig:
             raise ValueError(
                 "trainer.atropos needs timeout > 0, max_wait_time > 0, retry_attempts >= 1 and retry_delay >= 0; got "
                 f"{config.timeout}, {config.max_wait_time}, {config.retry_attempts}, {config.retry_delay}"
+            )
+        if not 0 <= config.policy_gateway_port <= 65535:
+            raise ValueError(f"trainer.atropos.policy_gateway_port must be in 0..65535, got {config.policy_gateway_port}")
+        if config.batch_timeout_s <= 0 or config.policy_hold_timeout_s <= 0 or config.policy_drain_timeout_s < 0:
+            raise ValueError(
+                "trainer.atropos needs batch_timeout_s > 0, policy_hold_timeout_s > 0 and policy_drain_timeout_s >= 0; got "
+                f"{config.batch_timeout_s}, {config.policy_hold_timeout_s}, {config.policy_drain_timeout_s}"
             )
         return config

@@ -12,8 +12,11 @@ evaluate (default): verl generates; the environment service judges.
 
 trajectory: Atropos environments generate through the policy's inference endpoints and push
 scored groups to atroposlib's run-api.
-- `init_workers`: after verl's workers (and so the endpoints) are up, its rollout manager is
-  replaced by one that registers with run-api at the first step and pulls each step's batch;
+- `init_workers`: verl's weight-sync manager becomes `GatedCheckpointEngineManager` (through
+  `rollout.checkpoint_manager_class`); after verl's workers and rollout servers are up, the policy
+  gateway starts in front of those servers (closed while they sleep and take new weights), and
+  verl's rollout manager is replaced by one that registers with run-api at the first step and
+  pulls each step's batch;
 - `_compute_old_log_prob`: the groups' uids become verl's `uid` (GRPO groups);
 - `_update_actor`: the environments' token-level advantages, where sent, override GRPO.
 
@@ -24,14 +27,17 @@ recipe's configs).
 
 from __future__ import annotations
 
+from omegaconf import open_dict
+
 from verl import DataProto
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
-from recipe.atropos import trajectory_rollout
+from recipe.atropos import gated_checkpoint_manager, trajectory_rollout
 from recipe.atropos.client import AtroposEnvironmentClient
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.feedback import EnvironmentFeedback
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
+from recipe.atropos.policy_gateway import PolicyGateway
 from recipe.atropos.trajectory import TrajectoryLimits
 
 
@@ -52,11 +58,34 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     def init_workers(self):
         if self.trajectory_mode:
+            self._use_gated_weight_sync()
             super().init_workers()
+            self._start_policy_gateway()
             self._start_pulling_trajectories()
         else:
             self.environment_feedback.check_health()  # before the (slow) workers: a clear stop comes first
             super().init_workers()
+
+    def _use_gated_weight_sync(self) -> None:
+        rollout = self.config.actor_rollout_ref.rollout
+        chosen = rollout.get("checkpoint_manager_class")
+        if chosen and chosen != gated_checkpoint_manager.CLASS_PATH:
+            raise ValueError(
+                f"trainer.atropos.mode=trajectory closes the policy gateway around weight syncs through "
+                f"actor_rollout_ref.rollout.checkpoint_manager_class={gated_checkpoint_manager.CLASS_PATH}; got {chosen!r}"
+            )
+        with open_dict(rollout):
+            rollout.checkpoint_manager_class = gated_checkpoint_manager.CLASS_PATH
+
+    def _start_policy_gateway(self) -> None:
+        """Environments generate through one gateway in front of every rollout replica's server."""
+        cfg = self.atropos_config
+        servers = [f"http://{address}" for address in self.llm_server_manager.get_addresses()]
+        self.policy_gateway = PolicyGateway(
+            servers, host=cfg.policy_gateway_host, port=cfg.policy_gateway_port,
+            hold_timeout_s=cfg.policy_hold_timeout_s, drain_timeout_s=cfg.policy_drain_timeout_s,
+        ).start()
+        self.checkpoint_manager.gateway = self.policy_gateway
 
     def _start_pulling_trajectories(self) -> None:
         cfg = self.atropos_config
@@ -79,7 +108,10 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         try:
             return super().fit()
         finally:
-            if not self.trajectory_mode:
+            if self.trajectory_mode:
+                if getattr(self, "policy_gateway", None) is not None:
+                    self.policy_gateway.stop()
+            else:
                 self.environment_feedback.close()  # no request outlives the run
 
     def _compute_old_log_prob(self, batch: DataProto):
@@ -99,6 +131,17 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         actor_output = super()._update_actor(batch)
         actor_output.meta_info["metrics"].update(atropos_metrics)
         return actor_output
+
+    def _log_rollout_data(self, batch: DataProto, reward_extra_infos_dict: dict, timing_raw: dict, rollout_data_dir: str):
+        """verl's rollout dump (`trainer.rollout_data_dir`), plus what each sample was trained on: its
+        GRPO group, its trained response tokens and their advantages (response_mask positions)."""
+        mask_BT = batch.batch["response_mask"].bool()
+        trained = {
+            "uid": batch.non_tensor_batch["uid"].tolist(),
+            "trained_token_ids": [ids[m].tolist() for ids, m in zip(batch.batch["responses"], mask_BT)],
+            "advantages": [adv[m].tolist() for adv, m in zip(batch.batch["advantages"], mask_BT)],
+        }
+        super()._log_rollout_data(batch, {**reward_extra_infos_dict, **trained}, timing_raw, rollout_data_dir)
 
     def _apply_trajectory_advantages(self, batch: DataProto) -> dict[str, float]:
         """The environments' token-level advantages (where sent) override GRPO on verl's batch."""

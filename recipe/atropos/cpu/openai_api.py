@@ -7,11 +7,9 @@ ids, or a list of either; `max_tokens`, `temperature`, `top_p`, `top_k`, `n`, `s
 scores a fixed text), `stop` (strings), and vLLM's `return_token_ids`. Answers have OpenAI's shape.
 No streaming, no chat endpoint.
 
-`/generate` answers atroposlib's `server_type: vllm` (its `VLLMServer` posts vLLM's native request,
-``{"prompt": {"prompt_token_ids": [...]}, "logprobs": 0, "n", "max_tokens", ...}``, as Atropos'
-own `vllm_api_server.py` serves it) with ``text``, ``token_ids``, ``finish_reasons`` and
-``logprobs`` (per completion, per token ``[{token_id: logprob}]``): the tokens and log-probs that
-atroposlib's ManagedServer turns into ScoredData.
+`/generate` answers atroposlib's `server_type: vllm` (vLLM's native request and answer, see
+recipe/atropos/vllm_generate_api.py): the tokens and log-probs that atroposlib's ManagedServer
+turns into ScoredData.
 
 Standalone (no trainer; serves a checkpoint folder):
 
@@ -30,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from recipe.atropos.cpu.hf_generation import FINISH_STOP, Completion, SamplingSettings
 from recipe.atropos.cpu.policy_service import PolicyService
+from recipe.atropos.vllm_generate_api import GenerateRequest, generate_answer
 
 LOOPBACK_HOST = "127.0.0.1"
 MAX_TOP_LOGPROBS = 20
@@ -54,22 +53,6 @@ class CompletionRequest(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     stream: bool = False
     return_token_ids: bool = False
-
-
-class GenerateRequest(BaseModel):
-    """vLLM's native `/generate` request as atroposlib's VLLMServer sends it (other fields ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    prompt: dict[str, list[int]] | str
-    max_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = -1
-    n: int = Field(default=1, ge=1, le=128)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
 
 
 def build_app(service: PolicyService) -> FastAPI:
@@ -141,12 +124,12 @@ def build_app(service: PolicyService) -> FastAPI:
 
     @app.post("/generate")
     async def generate(request: GenerateRequest) -> dict[str, Any]:
-        if isinstance(request.prompt, str):
+        try:
+            prompt = request.prompt_token_ids()
+        except ValueError as exc:
+            raise HTTPException(status_code=400, detail=str(exc)) from exc
+        if prompt is None:
             prompt = service.tokenizer(request.prompt)["input_ids"]
-        elif "prompt_token_ids" in request.prompt:
-            prompt = list(request.prompt["prompt_token_ids"])
-        else:
-            raise HTTPException(status_code=400, detail="prompt must be text or {'prompt_token_ids': [...]}")
         if not prompt:
             raise HTTPException(status_code=400, detail="empty prompt")
         if len(prompt) >= service.generator.max_model_len:
@@ -163,13 +146,13 @@ def build_app(service: PolicyService) -> FastAPI:
         )
         stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
         samples = [_cut_at_stop(service.tokenizer, s, stops) for s in await service.generate([prompt] * request.n, settings)]
-        return {
-            "prompt_token_ids": prompt,
-            "text": [service.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples],
-            "token_ids": [list(s.token_ids) for s in samples],
-            "finish_reasons": [s.finish_reason for s in samples],
-            "logprobs": [[[{str(t): lp}] for t, lp in zip(s.token_ids, s.log_probs)] for s in samples],
-        }
+        return generate_answer(
+            prompt,
+            texts=[service.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples],
+            token_ids=[s.token_ids for s in samples],
+            log_probs=[s.log_probs for s in samples],
+            finish_reasons=[s.finish_reason for s in samples],
+        )
 
     return app
 

@@ -1,8 +1,10 @@
 """Trajectory mode end to end on CPU: atroposlib's run-api, the repo's atroposlib GSM8K environment
-generating through the trainer's own policy endpoint, and verl's real trainer pulling and training."""
+generating through the trainer's policy gateway (in front of the CPU rollout's server), and verl's
+real trainer pulling and training."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -15,15 +17,16 @@ from recipe.atropos.client import AtroposEnvironmentClient
 from recipe.atropos.run_report import read_steps
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
+from .ramp_advantage_env import ramp
 from .servers import find_free_loopback_port, start_atropos_run_api
 from .test_atropos_env import EnvProcess
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _policy_steps(port: int) -> int | None:
+def _gateway_health(port: int) -> dict | None:
     try:
-        return int(requests.get(f"http://127.0.0.1:{port}/health", timeout=2).json().get("global_steps", -1))
+        return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
     except (requests.RequestException, ValueError):
         return None
 
@@ -33,6 +36,7 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
     api = start_atropos_run_api()
     policy_port = find_free_loopback_port()
     metrics_path = tmp_path / "metrics.jsonl"
+    dump_dir = tmp_path / "rollouts"
     trainer_env = repo_env(
         VERL_PLATFORM="cpu", VERL_USE_EXTERNAL_MODULES="recipe.atropos.cpu", VERL_FILE_LOGGER_PATH=str(metrics_path),
         VERL_CPU_MODEL_PATH=str(tiny_assets.model_dir), VERL_CPU_TRAIN_FILES=str(tiny_assets.train_file),
@@ -42,7 +46,8 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
     trainer = subprocess.Popen(
         [PYTHON, "-m", "verl.trainer.main_ppo", "--config-path", "recipe/atropos/config", "--config-name", "gsm8k_grpo_cpu",
          "trainer.atropos.mode=trajectory", f"trainer.atropos.trajectory_api_url={api.url}",
-         "trainer.atropos.batch_timeout_s=240", f"actor_rollout_ref.rollout.engine_kwargs.hf.port={policy_port}",
+         "trainer.atropos.batch_timeout_s=240", f"trainer.atropos.policy_gateway_port={policy_port}",
+         "actor_rollout_ref.rollout.engine_kwargs.hf.port=0", f"trainer.rollout_data_dir={dump_dir}",
          "actor_rollout_ref.rollout.engine_kwargs.hf.served_model_name=tiny",
          "data.train_batch_size=2", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.ppo_mini_batch_size=2",
          "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
@@ -51,17 +56,17 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
          "trainer.total_training_steps=3", "+ray_kwargs.ray_init.include_dashboard=false"],
         cwd=REPO_ROOT, env=trainer_env, stdout=trainer_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    env_process, policy_steps_seen = None, set()
+    env_process, gateway_seen = None, []
     try:
         client = AtroposEnvironmentClient(api.url, timeout=5, retry_attempts=1, max_wait_time=5)
         deadline = time.monotonic() + 240
-        # Environments start once the trainer's policy endpoint is up and it has registered.
-        while (_policy_steps(policy_port) is None or client.info().batch_size < 0) and time.monotonic() < deadline:
+        # Environments start once the trainer's policy gateway is up and it has registered.
+        while (_gateway_health(policy_port) is None or client.info().batch_size < 0) and time.monotonic() < deadline:
             assert trainer.poll() is None, (tmp_path / "trainer.log").read_text()[-5000:]
             time.sleep(0.5)
         assert client.info().batch_size == 8
         env_process = EnvProcess(
-            [sys.executable, "recipe/atropos/environments/atropos_gsm8k_env.py", "serve", "--slurm", "false",
+            [sys.executable, "recipe/atropos/tests/ramp_advantage_env.py", "serve", "--slurm", "false",
              "--openai.base_url", f"http://127.0.0.1:{policy_port}/v1", "--openai.model_name", "tiny",
              "--openai.api_key", "x", "--openai.server_type", "vllm", "--openai.tokenizer_name", str(tiny_assets.model_dir),
              "--env.tokenizer_name", str(tiny_assets.model_dir), "--env.data_path", str(tiny_assets.train_file),
@@ -71,9 +76,9 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
             tmp_path / "env.log",
         )
         while trainer.poll() is None and time.monotonic() < deadline + 180:
-            steps = _policy_steps(policy_port)
-            if steps is not None:
-                policy_steps_seen.add(steps)
+            health = _gateway_health(policy_port)
+            if health is not None:
+                gateway_seen.append(health)
             time.sleep(0.1)
     finally:
         if trainer.poll() is None:
@@ -91,9 +96,18 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
         assert step["atropos/override_fraction"] == 1.0
         assert step["atropos/advantage_groups_fraction"] == 1.0
         assert "atropos/staleness/mean" in step
-    # Updated weights reached the endpoint the environment generates through: it reported a
-    # training step's weights (0 is the initial sync; polls may miss a step on a busy machine).
-    assert max(policy_steps_seen) >= 1, sorted(policy_steps_seen)
-    # Nothing of the trainer's is left: its endpoint is closed.
-    assert _policy_steps(policy_port) is None
+    # Token by token, the advantages trained on are the environment's ramp (GRPO would give one
+    # value per answer), for every sample of every step (verl's rollout dump, with our fields).
+    for step in (1, 2, 3):
+        samples = [json.loads(line) for line in (dump_dir / f"{step}.jsonl").read_text().splitlines()]
+        assert len(samples) == 8
+        for sample in samples:
+            assert len(sample["advantages"]) == len(sample["trained_token_ids"]) > 0
+            assert sample["advantages"] == pytest.approx(ramp(len(sample["advantages"])), abs=1e-6)
+    # The gateway the environment called was closed during training and opened with each step's
+    # weights (0 is the initial sync; polls may miss a step on a busy machine).
+    assert {h["gate"] for h in gateway_seen} == {"open", "closed"}, gateway_seen[-5:]
+    assert max(h["global_steps"] or 0 for h in gateway_seen) >= 1
+    # Nothing of the trainer's is left: its gateway is closed.
+    assert _gateway_health(policy_port) is None
     assert not [p for p in psutil.process_iter(["cmdline"]) if "verl.trainer.main_ppo" in " ".join(p.info["cmdline"] or [])]
