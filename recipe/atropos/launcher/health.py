@@ -61,7 +61,7 @@ def _port_key(spec: ServiceSpec) -> str:
     if spec.role == "inference":
         return f"{spec.config_key}.base_port / ports"
     if spec.role == "policy":
-        return f"{spec.config_key}, on CPU following actor_rollout_ref.rollout.engine_kwargs.hf.port"
+        return f"{spec.config_key}, by default following trainer.atropos.policy_gateway_port"
     return f"{spec.config_key}.port"
 
 

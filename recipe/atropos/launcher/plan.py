@@ -281,8 +281,8 @@ def _policy_endpoint(cfg: LauncherConfig) -> PolicyEndpoint:
     if port == 0:
         raise LauncherConfigError(
             f"launcher.policy_endpoint.base_url {pol.base_url!r} has port 0: the environments need a known port. "
-            "Pin the policy server's port (on CPU actor_rollout_ref.rollout.engine_kwargs.hf.port=8001, which "
-            "this URL follows by default) or set launcher.policy_endpoint.base_url"
+            "Pin the policy gateway's port (trainer.atropos.policy_gateway_port=8001, which this URL follows "
+            "by default) or set launcher.policy_endpoint.base_url"
         )
     root = pol.base_url.rstrip("/").removesuffix("/v1")
     if not pol.tokenizer and not pol.model:

@@ -159,8 +159,8 @@ class Launcher:
             if now - start >= policy.start_timeout_s:
                 raise LaunchError(
                     f"the trainer's policy endpoint {policy.health_url} did not answer within "
-                    f"{policy.start_timeout_s:g} s ({seen}); check launcher.policy_endpoint.base_url (on CPU it "
-                    f"follows actor_rollout_ref.rollout.engine_kwargs.hf.port); last lines of "
+                    f"{policy.start_timeout_s:g} s ({seen}); check launcher.policy_endpoint.base_url (by default it "
+                    f"follows trainer.atropos.policy_gateway_port); last lines of "
                     f"{trainer.log_path}:\n{trainer.tail()}"
                 )
             if now >= next_progress:

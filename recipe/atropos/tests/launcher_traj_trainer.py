@@ -1,9 +1,9 @@
 """Stand-in trainer for the trajectory-mode launcher tests.
 
-Reads ``trainer.atropos.trajectory_api_url=`` and ``actor_rollout_ref.rollout.engine_kwargs.hf.port=``
+Reads ``trainer.atropos.trajectory_api_url=`` and ``trainer.atropos.policy_gateway_port=``
 from its argv (the launcher appends the first; the test passes the second as an override), checks
 run-api answers, then, after ``$TRAJ_POLICY_DELAY_S`` seconds (default 1), serves a fake policy
-``GET /health`` on that port, as the real trainer's HF rollout server does. It writes what it saw to
+``GET /health`` on that port, as the real trainer's policy gateway does. It writes what it saw to
 ``$TRAJ_TRAINER_REPORT`` (JSON), waits until ``$TRAJ_WAIT_FOR`` exists (at most 60 s, then exit 4)
 and exits with ``$TRAJ_EXIT_CODE`` (default 0).
 """
@@ -22,7 +22,7 @@ import requests
 from recipe.atropos.tests.launcher_stub_trainer import wait_for_file, write_report
 
 URL_KEY = "trainer.atropos.trajectory_api_url="
-PORT_KEY = "actor_rollout_ref.rollout.engine_kwargs.hf.port="
+PORT_KEY = "trainer.atropos.policy_gateway_port="
 
 
 class _Health(BaseHTTPRequestHandler):

@@ -99,7 +99,7 @@ def test_dry_run_shows_run_api_then_trainer_then_environments_and_no_environment
 @pytest.mark.timeout(60)
 def test_dry_run_follows_ports_and_keeps_a_trajectory_api_url_given_on_the_command_line(tmp_path):
     run = launch(
-        tmp_path, "launcher.trajectory_api.port=8123", "actor_rollout_ref.rollout.engine_kwargs.hf.port=8124",
+        tmp_path, "launcher.trajectory_api.port=8123", "trainer.atropos.policy_gateway_port=8124",
         "trainer.atropos.trajectory_api_url=http://127.0.0.1:9999", dry_run=True,
     )
     assert run.wait(30) == 0, run.stderr()
@@ -117,7 +117,7 @@ def test_dry_run_follows_ports_and_keeps_a_trajectory_api_url_given_on_the_comma
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("actor_rollout_ref.rollout.engine_kwargs.hf.port=0", "has port 0"),
+        ("trainer.atropos.policy_gateway_port=0", "has port 0"),
         ("launcher.environments=[]", "launcher.environments is empty"),
         ("trainer.atropos.mode=judge", "trainer.atropos.mode must be one of"),
         ("launcher.environments=[{name:a,command:[x]},{name:a,command:[y]}]", "names must be unique"),
@@ -140,7 +140,7 @@ def test_launch_orders_substitutes_logs_and_restarts_a_dying_environment(tmp_pat
     done = tmp_path / "done"
     run = launch(
         tmp_path, STUB_TRAINER, stub_environment(die_first=1), *FAST,
-        f"launcher.trajectory_api.port={api_port}", f"actor_rollout_ref.rollout.engine_kwargs.hf.port={policy_port}",
+        f"launcher.trajectory_api.port={api_port}", f"trainer.atropos.policy_gateway_port={policy_port}",
         env={"TRAJ_WAIT_FOR": str(done), "TRAJ_POLICY_DELAY_S": "2", "VERL_CPU_MODEL_PATH": str(tiny_assets.model_dir)},
     )
     try:
@@ -195,7 +195,7 @@ def test_environment_that_keeps_dying_ends_the_run(tmp_path):
     api_port, policy_port = find_free_loopback_port(), find_free_loopback_port()
     run = launch(
         tmp_path, STUB_TRAINER, stub_environment(die_first=99, max_restarts=1), *FAST,
-        f"launcher.trajectory_api.port={api_port}", f"actor_rollout_ref.rollout.engine_kwargs.hf.port={policy_port}",
+        f"launcher.trajectory_api.port={api_port}", f"trainer.atropos.policy_gateway_port={policy_port}",
         env={"TRAJ_WAIT_FOR": str(tmp_path / "never"), "TRAJ_POLICY_DELAY_S": "0.2"},
     )
     assert run.wait(60) == 1, run.stderr()
@@ -210,7 +210,7 @@ def test_sigterm_stops_run_api_trainer_and_environments(tmp_path):
     api_port, policy_port = find_free_loopback_port(), find_free_loopback_port()
     run = launch(
         tmp_path, STUB_TRAINER, stub_environment(), *FAST,
-        f"launcher.trajectory_api.port={api_port}", f"actor_rollout_ref.rollout.engine_kwargs.hf.port={policy_port}",
+        f"launcher.trajectory_api.port={api_port}", f"trainer.atropos.policy_gateway_port={policy_port}",
         env={"TRAJ_WAIT_FOR": str(tmp_path / "never"), "TRAJ_POLICY_DELAY_S": "0.2"},
     )
     try:
