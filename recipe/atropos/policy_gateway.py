@@ -270,6 +270,12 @@ class PolicyGateway:
             self._server = uvicorn.Server(config)
             self._loop.call_soon(ready.set)
             self._loop.run_until_complete(self._server.serve(sockets=[sock]))
+            # uvicorn cancels the requests still running after the grace period but does not wait for them:
+            # let them end (their connections close) before the loop does, or their clients wait forever.
+            pending = asyncio.all_tasks(self._loop)
+            for task in pending:
+                task.cancel()
+            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             self._loop.close()
 
         self._thread = threading.Thread(target=serve, name="atropos-policy-gateway", daemon=True)
