@@ -141,6 +141,11 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             "trained_token_ids": [ids[m].tolist() for ids, m in zip(batch.batch["responses"], mask_BT)],
             "advantages": [adv[m].tolist() for adv, m in zip(batch.batch["advantages"], mask_BT)],
         }
+        if self.trajectory_mode:
+            # The environments' samples only joined the dataloader's rows (which drive `fit()`): that
+            # row's ground truth is not theirs, so it is left out of the dump.
+            non_tensors = {k: v for k, v in batch.non_tensor_batch.items() if k != "reward_model"}
+            batch = DataProto(batch=batch.batch, non_tensor_batch=non_tensors, meta_info=batch.meta_info)
         super()._log_rollout_data(batch, {**reward_extra_infos_dict, **trained}, timing_raw, rollout_data_dir)
 
     def _apply_trajectory_advantages(self, batch: DataProto) -> dict[str, float]:

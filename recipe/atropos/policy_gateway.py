@@ -18,8 +18,8 @@ a sleeping server:
 sequence. A request held longer than `hold_timeout_s` gets 503 with `Retry-After`.
 
 Routes: `/v1/completions`, `/v1/chat/completions` and `/v1/models` are passed through as they are;
-`/generate` (atroposlib's `server_type: vllm`, vllm_generate_api.py) is translated to
-`/v1/completions` with vLLM's `return_token_ids`, which verl's vLLM servers answer; `/health` says
+`/generate` (atroposlib's `server_type: vllm` and `sglang` dialects, generate_api.py) is translated
+to `/v1/completions` with vLLM's `return_token_ids`, which verl's vLLM servers answer; `/health` says
 whether the gate is open and which training step's weights the servers hold. Errors are JSON.
 """
 
@@ -37,8 +37,9 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
-from recipe.atropos.vllm_generate_api import GenerateRequest, generate_answer
+from recipe.atropos.generate_api import Sample, completions_body, parse_generate_request
 
 logger = logging.getLogger("verl.recipe.atropos")
 
@@ -47,6 +48,10 @@ _PASSED_HEADERS = ("content-type", "authorization", "accept")
 
 class GateTimeout(Exception):
     """A request waited longer than `hold_timeout_s` at the closed gate."""
+
+
+class GatewayStopping(Exception):
+    """The gateway is shutting down: held requests are turned away."""
 
 
 class _Backends:
@@ -75,6 +80,7 @@ class PolicyGate:
         self.hold_timeout_s = hold_timeout_s
         self.global_steps: int | None = None
         self.held = 0
+        self.stopping = False
         self._open = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -92,12 +98,17 @@ class PolicyGate:
         """Wait for the gate (up to hold_timeout_s), then hold a slot on one server until done."""
         if not self._open.is_set():
             self.held += 1
+            deadline = asyncio.get_running_loop().time() + self.hold_timeout_s
             try:
-                await asyncio.wait_for(self._open.wait(), timeout=self.hold_timeout_s)
+                # Checked again on every wake-up: a gate opened and closed at once lets nobody through.
+                while not self._open.is_set() and not self.stopping:
+                    await asyncio.wait_for(self._open.wait(), timeout=deadline - asyncio.get_running_loop().time())
             except asyncio.TimeoutError as exc:
                 raise GateTimeout from exc
             finally:
                 self.held -= 1
+        if self.stopping:
+            raise GatewayStopping
         url = self.backends.pick()
         self.backends.in_flight[url] += 1
         self._idle.clear()
@@ -108,9 +119,14 @@ class PolicyGate:
             if self.in_flight == 0:
                 self._idle.set()
 
-    def open(self, global_steps: int | None) -> None:
+    async def open(self, global_steps: int | None) -> None:
         self.global_steps = global_steps
         self._open.set()
+
+    async def stop_admitting(self) -> None:
+        """Turn away held and new requests (503), before the server shuts down."""
+        self.stopping = True
+        self._open.set()  # wakes the held requests, which then see `stopping`
 
     async def close_and_drain(self, timeout_s: float) -> int:
         """Close the gate, wait up to timeout_s for requests in flight; returns how many remain."""
@@ -122,6 +138,10 @@ class PolicyGate:
 
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": message}, headers=headers or None)
+
+
+def _relayed(answer: httpx.Response) -> Response:
+    return Response(content=answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
 
 def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
@@ -144,19 +164,21 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED_HEADERS}
         try:
             answer = await forward(request.method, path, await request.body(), headers)
-        except GateTimeout:
-            return _held_too_long()
-        except httpx.HTTPError as exc:
-            return _error(502, f"inference server unreachable: {type(exc).__name__}: {exc}")
-        return Response(content=answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
+        except (GateTimeout, GatewayStopping, httpx.HTTPError) as exc:
+            return _refusal(exc)
+        return _relayed(answer)
 
-    def _held_too_long() -> JSONResponse:
-        return _error(
-            503,
-            f"the policy's weights were still being replaced after {gate.hold_timeout_s:g} s "
-            "(trainer.atropos.policy_hold_timeout_s); retry",
-            **{"Retry-After": "5"},
-        )
+    def _refusal(exc: Exception) -> JSONResponse:
+        if isinstance(exc, GateTimeout):
+            return _error(
+                503,
+                f"the policy's weights were still being replaced after {gate.hold_timeout_s:g} s "
+                "(trainer.atropos.policy_hold_timeout_s); retry",
+                **{"Retry-After": "5"},
+            )
+        if isinstance(exc, GatewayStopping):
+            return _error(503, "the policy gateway is shutting down (the training run is ending)")
+        return _error(502, f"inference server unreachable: {type(exc).__name__}: {exc}")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -182,43 +204,35 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
         return await relay(request, "/v1/chat/completions")
 
     @app.post("/generate")
-    async def generate(request: GenerateRequest, raw: Request) -> Response:
+    async def generate(raw: Request) -> Response:
         try:
-            prompt = request.prompt_token_ids()
-        except ValueError as exc:
-            return _error(400, str(exc))
-        body = {
-            **request.sampling_fields(),
-            "prompt": prompt if prompt is not None else request.prompt,
-            "logprobs": 0,
-            "return_token_ids": True,
-        }
+            request = parse_generate_request(await raw.json())
+        except ValueError as exc:  # pydantic's ValidationError included
+            return _error(422 if isinstance(exc, ValidationError) else 400, str(exc))
+        body = {**completions_body(request), "logprobs": 0, "return_token_ids": True}
         headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
         try:
             async with gate.admitted() as url:
                 # vLLM checks `model` against the names it serves: ask the server itself.
                 models_answer = await state["client"].get(f"{url}/v1/models", headers=headers)
-                models_answer.raise_for_status()
+                if models_answer.status_code != 200:
+                    return _relayed(models_answer)
                 body["model"] = models_answer.json()["data"][0]["id"]
                 answer = await state["client"].post(f"{url}/v1/completions", json=body, headers=headers)
-        except GateTimeout:
-            return _held_too_long()
-        except httpx.HTTPError as exc:
-            return _error(502, f"inference server unreachable: {type(exc).__name__}: {exc}")
+        except (GateTimeout, GatewayStopping, httpx.HTTPError) as exc:
+            return _refusal(exc)
         if answer.status_code != 200:
-            return Response(content=answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
-        completion = answer.json()
-        choices = sorted(completion["choices"], key=lambda c: c["index"])
-        missing = [c["index"] for c in choices if c.get("token_ids") is None or not c.get("logprobs")]
-        if missing:
+            return _relayed(answer)
+        choices = sorted(answer.json()["choices"], key=lambda c: c["index"])
+        if any(c.get("token_ids") is None or not c.get("logprobs") for c in choices):
             return _error(502, "the inference server's completions carry no token_ids/logprobs (vLLM >= 0.10.2 needed)")
         return JSONResponse(
-            generate_answer(
-                choices[0].get("prompt_token_ids") or prompt or [],
-                texts=[c["text"] for c in choices],
-                token_ids=[c["token_ids"] for c in choices],
-                log_probs=[c["logprobs"]["token_logprobs"] for c in choices],
-                finish_reasons=[c["finish_reason"] for c in choices],
+            request.answer(
+                choices[0].get("prompt_token_ids") or body["prompt"],
+                [
+                    Sample(c["text"], c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"])
+                    for c in choices
+                ],
             )
         )
 
@@ -265,27 +279,30 @@ class PolicyGateway:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
             self._gate = PolicyGate(self._backends, self._hold_timeout_s)
-            # Held requests get no answer past a short grace period at shutdown (their clients retry).
+            # Requests still running get a short grace period at shutdown (their clients retry).
             config = uvicorn.Config(build_app(self._gate), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
             self._server = uvicorn.Server(config)
             self._loop.call_soon(ready.set)
-            self._loop.run_until_complete(self._server.serve(sockets=[sock]))
-            # uvicorn cancels the requests still running after the grace period but does not wait for them:
-            # let them end (their connections close) before the loop does, or their clients wait forever.
-            pending = asyncio.all_tasks(self._loop)
-            for task in pending:
-                task.cancel()
-            self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
-            self._loop.close()
+            try:
+                self._loop.run_until_complete(self._server.serve(sockets=[sock]))
+                # uvicorn cancels the requests still running after the grace period but does not wait
+                # for them: let them end (their connections close) before the loop does.
+                pending = asyncio.all_tasks(self._loop)
+                for task in pending:
+                    task.cancel()
+                self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            finally:
+                self._loop.close()
+                sock.close()
 
         self._thread = threading.Thread(target=serve, name="atropos-policy-gateway", daemon=True)
         self._thread.start()
-        if not ready.wait(timeout_s):
-            raise RuntimeError(f"the policy gateway did not start within {timeout_s:g} s")
         deadline = time.monotonic() + timeout_s
-        while not self._server.started:
+        while not (ready.is_set() and self._server.started):
             if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError(f"the policy gateway on {self.host}:{self.port} did not start")
+                self.stop()
+                sock.close()
+                raise RuntimeError(f"the policy gateway on {self.host}:{self.port} did not start within {timeout_s:g} s")
             time.sleep(0.01)
         logger.warning(
             "policy gateway for environments: %s -> %s (closed until the first weight sync)",
@@ -293,12 +310,11 @@ class PolicyGateway:
         )
         return self
 
-    def _call(self, coro_or_fn, *args):
+    def _call(self, coroutine_fn, *args, timeout_s: float = 30.0):
+        """Run one of the gate's coroutines on the gateway's loop and wait for its result."""
         if self._loop is None:
             raise RuntimeError("the policy gateway is not running")
-        if asyncio.iscoroutinefunction(coro_or_fn):
-            return asyncio.run_coroutine_threadsafe(coro_or_fn(*args), self._loop).result()
-        return self._loop.call_soon_threadsafe(coro_or_fn, *args)
+        return asyncio.run_coroutine_threadsafe(coroutine_fn(*args), self._loop).result(timeout=timeout_s)
 
     def open(self, global_steps: int | None) -> None:
         """Let requests through to servers that hold the weights of training step `global_steps`."""
@@ -307,7 +323,7 @@ class PolicyGateway:
     def close_and_drain(self) -> None:
         """Hold new requests; wait (up to drain_timeout_s) for those in flight to finish."""
         start = time.monotonic()
-        remaining = self._call(self._gate.close_and_drain, self.drain_timeout_s)
+        remaining = self._call(self._gate.close_and_drain, self.drain_timeout_s, timeout_s=self.drain_timeout_s + 30)
         if remaining:
             logger.warning(
                 "policy gateway: %d request(s) still running after %.0f s (trainer.atropos.policy_drain_timeout_s); "
@@ -316,6 +332,8 @@ class PolicyGateway:
 
     def stop(self) -> None:
         if self._server is not None and self._thread is not None:
+            if self._thread.is_alive():
+                self._call(self._gate.stop_admitting)
             self._server.should_exit = True
             self._thread.join(timeout=10)
         self._server = self._thread = None

@@ -7,9 +7,9 @@ ids, or a list of either; `max_tokens`, `temperature`, `top_p`, `top_k`, `n`, `s
 scores a fixed text), `stop` (strings), and vLLM's `return_token_ids`. Answers have OpenAI's shape.
 No streaming, no chat endpoint.
 
-`/generate` answers atroposlib's `server_type: vllm` (vLLM's native request and answer, see
-recipe/atropos/vllm_generate_api.py): the tokens and log-probs that atroposlib's ManagedServer
-turns into ScoredData.
+`/generate` answers atroposlib's `server_type: vllm` and `sglang` (vLLM's and SGLang's native
+requests and answers, see recipe/atropos/generate_api.py): the tokens and log-probs that
+atroposlib's ManagedServer turns into ScoredData.
 
 Standalone (no trainer; serves a checkpoint folder):
 
@@ -23,12 +23,12 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import FastAPI, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from recipe.atropos.cpu.hf_generation import FINISH_STOP, Completion, SamplingSettings
 from recipe.atropos.cpu.policy_service import PolicyService
-from recipe.atropos.vllm_generate_api import GenerateRequest, generate_answer
+from recipe.atropos.generate_api import Sample, parse_generate_request
 
 LOOPBACK_HOST = "127.0.0.1"
 MAX_TOP_LOGPROBS = 20
@@ -123,35 +123,39 @@ def build_app(service: PolicyService) -> FastAPI:
         }
 
     @app.post("/generate")
-    async def generate(request: GenerateRequest) -> dict[str, Any]:
+    async def generate(raw: Request) -> dict[str, Any] | list[dict[str, Any]]:
         try:
-            prompt = request.prompt_token_ids()
+            request = parse_generate_request(await raw.json())
+        except ValidationError as exc:
+            raise HTTPException(status_code=422, detail=exc.errors(include_url=False)) from exc
         except ValueError as exc:
             raise HTTPException(status_code=400, detail=str(exc)) from exc
+        prompt = request.prompt_token_ids
         if prompt is None:
-            prompt = service.tokenizer(request.prompt)["input_ids"]
+            prompt = service.tokenizer(request.prompt_text)["input_ids"]
         if not prompt:
             raise HTTPException(status_code=400, detail="empty prompt")
         if len(prompt) >= service.generator.max_model_len:
             raise HTTPException(
                 status_code=400, detail=f"prompt of {len(prompt)} tokens fills the context ({service.generator.max_model_len})"
             )
+        sampling = request.sampling
         settings = SamplingSettings(
-            max_tokens=request.max_tokens,
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            repetition_penalty=request.repetition_penalty,
-            seed=request.seed,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            repetition_penalty=sampling.repetition_penalty,
+            seed=sampling.seed,
         )
-        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        samples = [_cut_at_stop(service.tokenizer, s, stops) for s in await service.generate([prompt] * request.n, settings)]
-        return generate_answer(
+        stops = [sampling.stop] if isinstance(sampling.stop, str) else list(sampling.stop or [])
+        samples = [_cut_at_stop(service.tokenizer, s, stops) for s in await service.generate([prompt] * sampling.n, settings)]
+        return request.answer(
             prompt,
-            texts=[service.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples],
-            token_ids=[s.token_ids for s in samples],
-            log_probs=[s.log_probs for s in samples],
-            finish_reasons=[s.finish_reason for s in samples],
+            [
+                Sample(service.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s.log_probs, s.finish_reason)
+                for s in samples
+            ],
         )
 
     return app

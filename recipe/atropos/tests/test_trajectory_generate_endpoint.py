@@ -30,9 +30,14 @@ def test_generate_returns_tokens_logprobs_and_finish_reasons(policy_server):
 
 
 @pytest.mark.timeout(120)
-def test_generate_rejects_a_prompt_without_token_ids(policy_server):
-    response = requests.post(f"{policy_server.url}/generate", json={"prompt": {"ids": [1]}}, timeout=30)
-    assert response.status_code == 400 and "prompt_token_ids" in response.text
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [({"prompt": {"ids": [1]}}, "prompt_token_ids"), ({"sampling_params": {"n": 2}}, "input_ids or text")],
+    ids=["vllm", "sglang"],
+)
+def test_generate_rejects_a_prompt_in_neither_form(policy_server, body, named):
+    response = requests.post(f"{policy_server.url}/generate", json=body, timeout=30)
+    assert response.status_code == 400 and named in response.json()["detail"]
 
 
 @pytest.mark.timeout(120)

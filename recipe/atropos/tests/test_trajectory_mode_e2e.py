@@ -104,6 +104,7 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
         for sample in samples:
             assert len(sample["advantages"]) == len(sample["trained_token_ids"]) > 0
             assert sample["advantages"] == pytest.approx(ramp(len(sample["advantages"])), abs=1e-6)
+            assert sample["gts"] is None  # the dataloader row's answer is not the environment's
     # The gateway the environment called was closed during training and opened with each step's
     # weights (0 is the initial sync; polls may miss a step on a busy machine).
     assert {h["gate"] for h in gateway_seen} == {"open", "closed"}, gateway_seen[-5:]
