@@ -24,11 +24,15 @@ from .test_atropos_env import EnvProcess
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _gateway_health(port: int) -> dict | None:
+def _health(root_url: str) -> dict | None:
     try:
-        return requests.get(f"http://127.0.0.1:{port}/health", timeout=2).json()
+        return requests.get(f"{root_url}/health", timeout=2).json()
     except (requests.RequestException, ValueError):
         return None
+
+
+def _gateway_health(port: int) -> dict | None:
+    return _health(f"http://127.0.0.1:{port}")
 
 
 @pytest.mark.timeout(480)
@@ -56,7 +60,7 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
          "trainer.total_training_steps=3", "+ray_kwargs.ray_init.include_dashboard=false"],
         cwd=REPO_ROOT, env=trainer_env, stdout=trainer_log, stderr=subprocess.STDOUT, start_new_session=True,
     )
-    env_process, gateway_seen = None, []
+    env_process, gateway_seen, server_steps_seen = None, [], set()
     try:
         client = AtroposEnvironmentClient(api.url, timeout=5, retry_attempts=1, max_wait_time=5)
         deadline = time.monotonic() + 240
@@ -79,6 +83,10 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
             health = _gateway_health(policy_port)
             if health is not None:
                 gateway_seen.append(health)
+                # The CPU rollout server behind the gateway reports the step of the weights it holds.
+                server = _health(health["servers"][0])
+                if server is not None:
+                    server_steps_seen.add(server["global_steps"])
             time.sleep(0.1)
     finally:
         if trainer.poll() is None:
@@ -106,9 +114,11 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
             assert sample["advantages"] == pytest.approx(ramp(len(sample["advantages"])), abs=1e-6)
             assert sample["gts"] is None  # the dataloader row's answer is not the environment's
     # The gateway the environment called was closed during training and opened with each step's
-    # weights (0 is the initial sync; polls may miss a step on a busy machine).
+    # weights, which reached the server behind it (0 is the initial sync; polls may miss a step on
+    # a busy machine).
     assert {h["gate"] for h in gateway_seen} == {"open", "closed"}, gateway_seen[-5:]
     assert max(h["global_steps"] or 0 for h in gateway_seen) >= 1
+    assert max(server_steps_seen) >= 1, sorted(server_steps_seen)
     # Nothing of the trainer's is left: its gateway is closed.
     assert _gateway_health(policy_port) is None
     assert not [p for p in psutil.process_iter(["cmdline"]) if "verl.trainer.main_ppo" in " ".join(p.info["cmdline"] or [])]
