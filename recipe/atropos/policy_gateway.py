@@ -17,7 +17,8 @@ a sleeping server:
 `GatedCheckpointEngineManager` (gated_checkpoint_manager.py) calls both from verl's own weight-sync
 sequence. A request held longer than `hold_timeout_s` gets 503 with `Retry-After`.
 
-Routes: `/v1/completions`, `/v1/chat/completions` and `/v1/models` are passed through as they are;
+Routes: `/v1/completions`, `/v1/chat/completions` and `/v1/models` are passed through, with the
+request's `model` replaced by the name the server serves (environments need not know it);
 `/generate` (atroposlib's `server_type: vllm` and `sglang` dialects, generate_api.py) is translated
 to `/v1/completions` with vLLM's `return_token_ids`, which verl's vLLM servers answer; `/health` says
 whether the gate is open and which training step's weights the servers hold. Errors are JSON.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -140,6 +142,17 @@ def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"detail": message}, headers=headers or None)
 
 
+def _with_model(body: bytes, name: str) -> bytes:
+    """`body` with its JSON `model` set to `name` (a body that is not a JSON object is left as is)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return body
+    if not isinstance(payload, dict) or payload.get("model") == name:
+        return body
+    return json.dumps({**payload, "model": name}).encode()
+
+
 def _relayed(answer: httpx.Response) -> Response:
     return Response(content=answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
@@ -156,14 +169,31 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
 
     app = FastAPI(title="Atropos policy gateway", lifespan=lifespan)
 
-    async def forward(method: str, path: str, body: bytes | None, headers: dict[str, str]) -> httpx.Response:
-        async with gate.admitted() as url:
-            return await state["client"].request(method, f"{url}{path}", content=body, headers=headers)
+    served_names: dict[str, str | None] = {}
 
-    async def relay(request: Request, path: str) -> Response:
+    async def served_model(url: str, headers: dict[str, str]) -> str | None:
+        """The model name `url` serves, asked once; None when its `/v1/models` does not say (requests
+        then go as they came)."""
+        if url not in served_names:
+            answer = await state["client"].get(f"{url}/v1/models", headers=headers)
+            try:
+                served_names[url] = answer.json()["data"][0]["id"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                logger.warning("policy gateway: %s/v1/models names no model (HTTP %d)", url, answer.status_code)
+                served_names[url] = None
+        return served_names[url]
+
+    async def relay(request: Request, path: str, *, names_model: bool = False) -> Response:
+        """Pass the request through to one server; with `names_model`, a JSON body's `model` becomes
+        the name that server serves (vLLM refuses others; environments need not know it)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED_HEADERS}
+        body = await request.body()
         try:
-            answer = await forward(request.method, path, await request.body(), headers)
+            async with gate.admitted() as url:
+                name = await served_model(url, headers) if names_model else None
+                if name is not None:
+                    body = _with_model(body, name)
+                answer = await state["client"].request(request.method, f"{url}{path}", content=body, headers=headers)
         except (GateTimeout, GatewayStopping, httpx.HTTPError) as exc:
             return _refusal(exc)
         return _relayed(answer)
@@ -197,11 +227,11 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await relay(request, "/v1/completions")
+        return await relay(request, "/v1/completions", names_model=True)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await relay(request, "/v1/chat/completions")
+        return await relay(request, "/v1/chat/completions", names_model=True)
 
     @app.post("/generate")
     async def generate(raw: Request) -> Response:
@@ -213,11 +243,9 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
         headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
         try:
             async with gate.admitted() as url:
-                # vLLM checks `model` against the names it serves: ask the server itself.
-                models_answer = await state["client"].get(f"{url}/v1/models", headers=headers)
-                if models_answer.status_code != 200:
-                    return _relayed(models_answer)
-                body["model"] = models_answer.json()["data"][0]["id"]
+                name = await served_model(url, headers)
+                if name is not None:
+                    body["model"] = name
                 answer = await state["client"].post(f"{url}/v1/completions", json=body, headers=headers)
         except (GateTimeout, GatewayStopping, httpx.HTTPError) as exc:
             return _refusal(exc)

@@ -207,6 +207,19 @@ def test_models_and_completions_pass_through(policy_server):
     assert direct.status_code == 400  # the last one: an error answer passes through as it is
 
 
+@pytest.mark.timeout(180)
+def test_the_model_an_environment_names_becomes_the_one_the_server_serves(policy_server):
+    """vLLM refuses a `model` it does not serve; environments name it as they like."""
+    with running_gateway([policy_server.url], opened_at=1) as gateway:
+        answer = requests.post(f"{gateway.base_url}/completions", timeout=60,
+                               json={"model": "what-the-env-calls-it", "prompt": [5, 6], "max_tokens": 2})
+        chat = requests.post(f"{gateway.base_url}/chat/completions", timeout=60,
+                             json={"model": "what-the-env-calls-it", "messages": [{"role": "user", "content": "hi"}]})
+    assert answer.status_code == 200 and answer.json()["model"] == "tiny"
+    # The CPU server has no chat route: its 404 comes back as it is.
+    assert chat.status_code == 404
+
+
 # 3. The gate holds requests until it opens -----------------------------------------------------
 
 
