@@ -24,35 +24,42 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from recipe.atropos.cpu.hf_generation import FINISH_STOP, Completion, SamplingSettings
 from recipe.atropos.cpu.policy_service import PolicyService
-from recipe.atropos.generate_api import Sample, parse_generate_request
+from recipe.atropos.generate_api import Sample, SamplingFields, parse_generate_request
 
 LOOPBACK_HOST = "127.0.0.1"
 MAX_TOP_LOGPROBS = 20
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(SamplingFields):
     """The fields of OpenAI's completions request this server honours (others are ignored)."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(default=16, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = -1
-    n: int = Field(default=1, ge=1, le=128)
-    seed: int | None = None
+    max_tokens: int = Field(default=16, ge=0)  # 0: only score the prompt (with echo)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
-    stop: str | list[str] | None = None
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
     stream: bool = False
     return_token_ids: bool = False
+
+
+def _sampling_settings(fields: SamplingFields, top_logprobs: int = 0) -> SamplingSettings:
+    return SamplingSettings(
+        max_tokens=max(fields.max_tokens, 1),
+        temperature=fields.temperature,
+        top_p=fields.top_p,
+        top_k=fields.top_k,
+        repetition_penalty=fields.repetition_penalty,
+        seed=fields.seed,
+        top_logprobs=top_logprobs,
+    )
+
+
+def _stops(fields: SamplingFields) -> list[str]:
+    return [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
 
 
 def build_app(service: PolicyService) -> FastAPI:
@@ -84,16 +91,8 @@ def build_app(service: PolicyService) -> FastAPI:
                 status_code=400,
                 detail=f"prompt of {too_long[0]} tokens fills the context ({service.generator.max_model_len})",
             )
-        settings = SamplingSettings(
-            max_tokens=max(request.max_tokens, 1),
-            temperature=request.temperature,
-            top_p=request.top_p,
-            top_k=request.top_k,
-            repetition_penalty=request.repetition_penalty,
-            seed=request.seed,
-            top_logprobs=request.logprobs or 0,
-        )
-        stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        settings = _sampling_settings(request, top_logprobs=request.logprobs or 0)
+        stops = _stops(request)
         choices = []
         usage_completion = 0
         for prompt_index, prompt in enumerate(prompts):
@@ -140,16 +139,9 @@ def build_app(service: PolicyService) -> FastAPI:
                 status_code=400, detail=f"prompt of {len(prompt)} tokens fills the context ({service.generator.max_model_len})"
             )
         sampling = request.sampling
-        settings = SamplingSettings(
-            max_tokens=sampling.max_tokens,
-            temperature=sampling.temperature,
-            top_p=sampling.top_p,
-            top_k=sampling.top_k,
-            repetition_penalty=sampling.repetition_penalty,
-            seed=sampling.seed,
-        )
-        stops = [sampling.stop] if isinstance(sampling.stop, str) else list(sampling.stop or [])
-        samples = [_cut_at_stop(service.tokenizer, s, stops) for s in await service.generate([prompt] * sampling.n, settings)]
+        stops = _stops(sampling)
+        samples = await service.generate([prompt] * sampling.n, _sampling_settings(sampling))
+        samples = [_cut_at_stop(service.tokenizer, s, stops) for s in samples]
         return request.answer(
             prompt,
             [
@@ -198,7 +190,7 @@ def _choice(
     sample: Completion,
     echo: tuple[list[float | None], list[dict[int, float] | None]] | None,
 ) -> dict[str, Any]:
-    stops = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    stops = _stops(request)
     completion_text = _text_before_stop(tokenizer.decode(sample.token_ids, skip_special_tokens=True), stops)
     tokens = list(sample.token_ids)
     token_logprobs: list[float | None] = list(sample.log_probs)
