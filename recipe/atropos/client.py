@@ -50,7 +50,6 @@ Encoding = Literal["auto", "json", "msgpack"]
 _RETRYABLE_4XX = frozenset({408, 429})
 # Preferred answer encoding: msgpack carries per-token arrays as raw bytes; JSON always works.
 _ACCEPT_COMPACT = f"{wire.MSGPACK}, {wire.JSON};q=0.5"
-_INT32_MAX = np.iinfo(np.int32).max
 _ERROR_TEXT_LIMIT = 500
 
 
@@ -886,20 +885,10 @@ class AtroposEnvironmentClient:
 
 def _token_array(ids: Any, index: int, reject: Any) -> np.ndarray:
     """One sample's token ids as a 1-D int32 array (what goes on the wire)."""
-    field = f"response_token_ids[{index}]"
-    if not (_is_list_like(ids) or hasattr(ids, "__array__")):
-        raise reject(f"expected a list of int, got {_type_name(ids)}", field)
     try:
-        array = np.asarray(ids)
-    except (ValueError, TypeError) as exc:
-        raise reject(f"not a flat list of int: {exc}", field) from exc
-    if array.size == 0:
-        return np.zeros(0, dtype=np.int32)
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise reject(f"expected a flat list of int, got {_type_name(array)}", field)
-    if array.min() < 0 or array.max() > _INT32_MAX:
-        raise reject(f"token ids must lie in [0, {_INT32_MAX}], got [{array.min()}, {array.max()}]", field)
-    return array.astype(np.int32, copy=False)
+        return wire.token_id_array(ids)
+    except ValueError as exc:
+        raise reject(str(exc), f"response_token_ids[{index}]") from exc
 
 
 # --------------------------------------------------------------------------------------------

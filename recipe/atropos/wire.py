@@ -128,3 +128,25 @@ def decode(body: bytes, content_type: str = JSON, content_encoding: str | None =
         except orjson.JSONDecodeError as exc:
             raise WireError(f"body is not valid JSON: {exc}") from exc
     raise WireError(f"unsupported content type {content_type!r}; supported: {', '.join(SUPPORTED_CONTENT_TYPES)}")
+
+
+MAX_TOKEN_ID = int(np.iinfo(np.int32).max)  # token ids travel as int32
+
+
+def token_id_array(ids: Any) -> np.ndarray:
+    """One sample's token ids (a list, tuple or array of int) as a 1-D int32 array, type and range
+    checked without a Python loop. ValueError says what is wrong, for the caller to name the field."""
+    if not isinstance(ids, (list, tuple, np.ndarray)) and not hasattr(ids, "__array__"):
+        raise ValueError(f"expected a list of int, got {type(ids).__name__}")
+    try:
+        array = np.asarray(ids)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise ValueError(f"expected a flat list of int ({exc})") from exc
+    if array.size == 0 and array.ndim == 1:
+        return np.zeros(0, dtype=np.int32)
+    if array.ndim != 1 or array.dtype.kind not in "iu":
+        raise ValueError(f"expected a flat list of int, got {array.ndim}-d values of type {array.dtype}")
+    low, high = int(array.min()), int(array.max())
+    if low < 0 or high > MAX_TOKEN_ID:
+        raise ValueError(f"token ids must lie in [0, {MAX_TOKEN_ID}], got [{low}, {high}]")
+    return array.astype(np.int32, copy=False)

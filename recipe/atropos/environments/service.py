@@ -71,7 +71,6 @@ DEFAULT_MAX_PENDING = 64
 DEFAULT_MAX_TOTAL_TOKENS = 32 * 1024 * 1024
 # Below this a gzip'ed JSON answer saves less than it costs; msgpack float arrays never shrink enough.
 GZIP_MIN_BYTES = 64 * 1024
-_MAX_TOKEN_ID = np.iinfo(np.int32).max
 _RETRY_AFTER_S = "1"
 
 
@@ -168,7 +167,7 @@ class _SmallFields(BaseModel):
     metadata: dict[str, Any] | None = None
     group_ids: list[StrictStr | StrictInt] | None = None
     ground_truths: list[str | None] | None = None
-    response_lengths: list[Annotated[int, Field(ge=0, le=_MAX_TOKEN_ID)]] | None = None
+    response_lengths: list[Annotated[int, Field(ge=0, le=wire.MAX_TOKEN_ID)]] | None = None
 
 
 _PER_SAMPLE_FIELDS = ("responses", "group_ids", "ground_truths", "response_lengths")
@@ -188,29 +187,11 @@ def _validation_message(exc: ValidationError) -> tuple[str, str]:
 
 
 def _token_array(item: Any, index: int) -> np.ndarray:
-    """One sample's token ids as int64 [T], type and range checked without a Python loop."""
-    field = f"response_token_ids[{index}]"
-    if isinstance(item, np.ndarray):
-        array = item
-    elif isinstance(item, list):
-        if not item:
-            return np.zeros(0, dtype=np.int64)
-        try:
-            array = np.asarray(item)
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise ContractError(f"{field}: expected a flat list of int ({exc})", "response_token_ids") from exc
-    else:
-        raise ContractError(f"{field}: expected a list of int, got {type(item).__name__}", "response_token_ids")
-    if array.size == 0 and array.ndim == 1:
-        return np.zeros(0, dtype=np.int64)
-    if array.ndim != 1 or array.dtype.kind not in "iu":
-        raise ContractError(
-            f"{field}: expected a flat list of int, got {array.ndim}-d values of type {array.dtype}", "response_token_ids"
-        )
-    low, high = int(array.min()), int(array.max())
-    if low < 0 or high > _MAX_TOKEN_ID:
-        raise ContractError(f"{field}: token ids must lie in [0, {_MAX_TOKEN_ID}], got [{low}, {high}]", "response_token_ids")
-    return array.astype(np.int64, copy=False)
+    """One sample's token ids as int32 [T], type and range checked without a Python loop."""
+    try:
+        return wire.token_id_array(item)
+    except ValueError as exc:
+        raise ContractError(f"response_token_ids[{index}]: {exc}", "response_token_ids") from exc
 
 
 def parse_evaluation_request(body: Any, max_total_tokens: int = DEFAULT_MAX_TOTAL_TOKENS) -> EvaluationRequest:
