@@ -10,6 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
+
+
+def group_index(group_ids: Sequence[object]) -> np.ndarray:
+    """Dense group number of each sample (0..G-1, in order of first appearance), int64 [B].
+
+    Ids compare by their string form (verl's uids are strings); hashed, not sorted.
+    """
+    labels = np.asarray([str(g) for g in group_ids], dtype=object)
+    codes, _ = pd.factorize(labels, use_na_sentinel=False)
+    return codes.astype(np.int64, copy=False)
 
 
 def compute_grpo_outcome_advantages_np(
@@ -29,7 +40,7 @@ def compute_grpo_outcome_advantages_np(
         raise ValueError(f"group_ids has {len(group_ids)} entries for {len(scores_B)} scores")
     if len(scores_B) == 0:
         return scores_B
-    _, group_B = np.unique(np.asarray([str(g) for g in group_ids]), return_inverse=True)
+    group_B = group_index(group_ids)
     count_G = np.bincount(group_B).astype(np.float64)
     mean_G = np.bincount(group_B, weights=scores_B) / count_G
     centered_B = scores_B - mean_G[group_B]

@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
+from recipe.atropos.advantages import group_index
+
 GroupId = str | int
 # One sample's advantage: a token list (float32 [T]), one float broadcast over the response, or
 # None (no override: the trainer computes standard GRPO for that sample).
@@ -92,8 +94,7 @@ class EvaluationRequest:
 
         Group ids compare as their string form, as verl's GRPO does with its uids.
         """
-        index_by_id: dict[str, int] = {}
-        return np.asarray([index_by_id.setdefault(str(g), len(index_by_id)) for g in self.group_ids], dtype=np.int64)
+        return group_index(self.group_ids)
 
 
 @dataclasses.dataclass
