@@ -17,7 +17,8 @@ shape and range are checked at C speed; the pydantic models of the whole request
 document the schema (OpenAPI).
 
 Threads: evaluations run one at a time on a runner, off the event loop, so ``/health`` stays
-responsive. Under ``serve`` the runner is the main thread (uvicorn runs in a second thread),
+responsive. An evaluation whose client disconnects (it timed out, and will retry) before its turn
+comes is dropped, not run: retries do not pile up behind a slow environment. Under ``serve`` the runner is the main thread (uvicorn runs in a second thread),
 where math-verify's signal-based timeouts work; an app built by :func:`create_app` alone uses a
 worker thread.
 """
@@ -426,6 +427,7 @@ class ServiceState:
         self.ready = False
         self.setup_error: str | None = None
         self.requests_served = 0
+        self.requests_abandoned = 0
         self.samples_scored = 0
         self.pending = 0
         self.errors_by_status: Counter[int] = Counter()
@@ -434,6 +436,22 @@ class ServiceState:
     def count_status(self, status: int) -> None:
         if status >= 400:
             self.errors_by_status[status] += 1
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its evaluation's answer was ready."""
+
+
+async def _unless_client_leaves(request: Request, job: asyncio.Future, poll_s: float = 0.2) -> Any:
+    """The job's result; if the client disconnects first, the job is cancelled (one still queued
+    never runs; one already running finishes unseen) and _ClientGone is raised."""
+    while True:
+        done, _ = await asyncio.wait({job}, timeout=poll_s)
+        if done:
+            return job.result()
+        if await request.is_disconnected():
+            job.cancel()
+            raise _ClientGone
 
 
 class _GuardMiddleware:
@@ -562,6 +580,7 @@ def create_app(
             "env": environment.name,
             "encodings": list(wire.SUPPORTED_CONTENT_TYPES),
             "requests_served": state.requests_served,
+            "requests_abandoned": state.requests_abandoned,
             "samples_scored": state.samples_scored,
             "errors": sum(state.errors_by_status.values()),
             "errors_by_status": {str(status): count for status, count in sorted(state.errors_by_status.items())},
@@ -617,7 +636,11 @@ def create_app(
         state.pending += 1
         try:
             body = await read_body(request, settings.max_body_bytes)
-            encoded, batch_size = await runner.run(evaluate_job, body, dict(request.headers))
+            job = asyncio.ensure_future(runner.run(evaluate_job, body, dict(request.headers)))
+            encoded, batch_size = await _unless_client_leaves(request, job)
+        except _ClientGone:
+            state.requests_abandoned += 1
+            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
         except Exception as exc:  # noqa: BLE001 - every failure becomes the protocol's error shape
             return _error_for(exc)
         finally:

@@ -35,9 +35,9 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 EPS = 1e-6
 
 
-def start_service(*options: str, port: int | None = None) -> ServerProcess:
+def start_service(*options: str, port: int | None = None, server_file: str = SERVER_FILE) -> ServerProcess:
     port = port or find_free_loopback_port()
-    argv = [sys.executable, SERVER_FILE, "serve", "--slurm", "false", "--host", LOOPBACK_HOST, "--port", str(port), *options]
+    argv = [sys.executable, server_file, "serve", "--slurm", "false", "--host", LOOPBACK_HOST, "--port", str(port), *options]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     return ServerProcess(argv, port=port, env=env).start(startup_timeout_s=90)
 
@@ -407,6 +407,30 @@ def test_overloaded_service_answers_503_with_retry_after(strict_service):
     assert_error(refused, 503, "overloaded", "max_pending=1")
     assert refused.headers["Retry-After"] == "1"
     assert result["answer"].status_code == 200 and result["answer"].json()["scores"] == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.timeout(120)
+def test_an_evaluation_whose_client_left_before_its_turn_is_dropped():
+    """A client that timed out (and will retry) leaves no work behind: its queued evaluation never
+    runs. The environment is slow the way a judge behind HTTP is (it waits without the GIL)."""
+    batch = {"prompts": ["p", "p"], "responses": ["a", "b"]}
+    with start_service("--env.delay_s", "1.5", server_file="recipe/atropos/tests/slow_env_server.py") as service:
+        result: dict = {}
+        first = threading.Thread(target=lambda: result.setdefault("answer", post(service, batch)))
+        first.start()
+        deadline = time.monotonic() + 30
+        while health(service)["pending"] < 1:
+            assert time.monotonic() < deadline, "the first request never started"
+            time.sleep(0.02)
+        with pytest.raises(requests.Timeout):  # queued behind the first; its client gives up
+            post(service, batch, timeout=0.5)
+        first.join(60)
+        assert result["answer"].status_code == 200
+        time.sleep(2)  # the abandoned batch would have been scored by now
+        after = health(service)
+    assert after["pending"] == 0
+    assert after["requests_abandoned"] == 1 and after["requests_served"] == 1
+    assert after["samples_scored"] == 2  # only the first batch was scored
 
 
 @pytest.mark.timeout(60)
