@@ -21,7 +21,7 @@ import requests
 import torch
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np
-from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient, EvaluationResult
+from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient, AtroposRequestError, EvaluationResult
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.data_processing import BatchView, build_environment_request
 from recipe.atropos.grpo_computer import AtroposGRPOComputer, advantage_metrics
@@ -182,6 +182,13 @@ class EnvironmentFeedback:
         ).tolist()
 
     def _on_failure(self, exc: Exception, step: int) -> None:
+        if isinstance(exc, AtroposRequestError) and exc.status in (401, 403):
+            # A refused key is a setting to fix, not an outage: falling back would train a whole run
+            # on plain GRPO.
+            raise EnvironmentServiceError(
+                f"step {step}: the environment service at {self.config.api_url} refused the API key "
+                f"(HTTP {exc.status}): set trainer.atropos.api_key (or ATROPOS_API_KEY) to the service's key"
+            ) from exc
         if not self.config.fallback_to_grpo:
             raise EnvironmentServiceError(
                 f"step {step}: the environment service at {self.config.api_url} failed: {exc}. {SERVICE_HINT}"

@@ -125,6 +125,18 @@ def test_without_fallback_a_dead_service_stops_the_run(server, tokenizer):
         feedback.apply(batch, step=5)
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_refused_api_key_stops_the_run_even_with_fallback(server, tokenizer, status):
+    """A wrong key is a setting to fix, not an outage: no run trains on plain GRPO because of it."""
+    server.inject(EVALUATE, Fault(status=status), times=5)
+    feedback = make_feedback(server, tokenizer, fallback_to_grpo=True)
+    batch = make_batch(tokenizer)
+    feedback.submit(batch, step=3)
+    with pytest.raises(EnvironmentServiceError, match=rf"step 3: .*refused the API key \(HTTP {status}\).*trainer.atropos.api_key"):
+        feedback.apply(batch, step=3)
+    assert len(server.requests_to(EVALUATE)) == 1  # not retried either
+
+
 def test_wrong_token_list_lengths_are_caught_before_the_update(server, tokenizer):
     bad = {"advantages": [[0.5] * 9] * 4, "scores": [0.0] * 4, "metrics": {}}
     server.inject(EVALUATE, Fault(status=200, body=bad), times=2)
