@@ -37,7 +37,7 @@ from recipe.atropos.client import AtroposEnvironmentClient
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.feedback import EnvironmentFeedback
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
-from recipe.atropos.policy_gateway import PolicyGateway
+from recipe.atropos.policy_gateway import PolicyGateway, check_port_free
 from recipe.atropos.trajectory import TrajectoryLimits
 
 
@@ -59,6 +59,8 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     def init_workers(self):
         if self.trajectory_mode:
             self._use_gated_weight_sync()
+            # Before the (slow) workers: a busy port is a clear stop now, not after the model loads.
+            check_port_free(self.atropos_config.policy_gateway_host, self.atropos_config.policy_gateway_port)
             super().init_workers()
             self._start_policy_gateway()
             self._start_pulling_trajectories()

@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -267,6 +268,22 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
     return app
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    try:
+        return socket.create_server((host, port))
+    except OSError as exc:
+        raise OSError(
+            f"the policy gateway cannot listen on {host}:{port} ({exc.strerror}): free the port or set "
+            "trainer.atropos.policy_gateway_port (and policy_gateway_host)"
+        ) from exc
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise, naming trainer.atropos.policy_gateway_port, when the gateway could not listen there."""
+    if port != 0:
+        _listening_socket(host, port).close()
+
+
 class PolicyGateway:
     """Runs the gateway's uvicorn server on its own thread and event loop, controlled from any thread."""
 
@@ -295,12 +312,10 @@ class PolicyGateway:
         return f"http://{self.host}:{self.port}/v1"
 
     def start(self, timeout_s: float = 30.0) -> PolicyGateway:
-        import socket
-
         import uvicorn
 
         ready = threading.Event()
-        sock = socket.create_server((self.host, self.port))  # bound here: a busy port fails now, not later
+        sock = _listening_socket(self.host, self.port)  # bound here: a busy port fails now, not later
         self.port = sock.getsockname()[1]
 
         def serve() -> None:

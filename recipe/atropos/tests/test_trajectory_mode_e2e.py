@@ -122,3 +122,25 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
     # Nothing of the trainer's is left: its gateway is closed.
     assert _gateway_health(policy_port) is None
     assert not [p for p in psutil.process_iter(["cmdline"]) if "verl.trainer.main_ppo" in " ".join(p.info["cmdline"] or [])]
+
+
+@pytest.mark.timeout(240)
+def test_a_busy_gateway_port_stops_the_trainer_before_its_workers_start(tiny_assets, tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [PYTHON, "-m", "verl.trainer.main_ppo", "--config-path", "recipe/atropos/config", "--config-name",
+             "gsm8k_grpo_cpu", "trainer.atropos.mode=trajectory", f"trainer.atropos.policy_gateway_port={port}",
+             "trainer.total_training_steps=1", "+ray_kwargs.ray_init.include_dashboard=false"],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=200,
+            env=repo_env(VERL_PLATFORM="cpu", VERL_USE_EXTERNAL_MODULES="recipe.atropos.cpu",
+                         VERL_CPU_MODEL_PATH=str(tiny_assets.model_dir), VERL_CPU_TRAIN_FILES=str(tiny_assets.train_file),
+                         VERL_CPU_VAL_FILES=str(tiny_assets.test_file)),
+        )
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert f"cannot listen on 127.0.0.1:{port}" in log and "trainer.atropos.policy_gateway_port" in log, log[-3000:]
+    # It stopped before verl built its workers (whose output Ray prefixes with "(WorkerDict pid=...)").
+    assert "WorkerDict" not in log, log[-3000:]
