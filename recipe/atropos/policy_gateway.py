@@ -83,6 +83,8 @@ class PolicyGate:
         self.hold_timeout_s = hold_timeout_s
         self.global_steps: int | None = None
         self.held = 0
+        self.times_opened = 0  # weight syncs done (fit() syncs once before the first step)
+        self.times_closed = 0  # times the servers were put to sleep
         self.stopping = False
         self._open = asyncio.Event()
         self._idle = asyncio.Event()
@@ -124,6 +126,7 @@ class PolicyGate:
 
     async def open(self, global_steps: int | None) -> None:
         self.global_steps = global_steps
+        self.times_opened += 1
         self._open.set()
 
     async def stop_admitting(self) -> None:
@@ -134,6 +137,7 @@ class PolicyGate:
     async def close_and_drain(self, timeout_s: float) -> int:
         """Close the gate, wait up to timeout_s for requests in flight; returns how many remain."""
         self._open.clear()
+        self.times_closed += 1
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
         return self.in_flight
@@ -217,6 +221,8 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
             "status": "ok",
             "gate": "open" if gate.is_open else "closed",
             "global_steps": gate.global_steps,
+            "times_opened": gate.times_opened,
+            "times_closed": gate.times_closed,
             "in_flight": gate.in_flight,
             "held": gate.held,
             "servers": gate.backends.urls,

@@ -116,7 +116,10 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
     # The gateway the environment called was closed during training and opened with each step's
     # weights, which reached the server behind it (0 is the initial sync; polls may miss a step on
     # a busy machine).
-    assert {h["gate"] for h in gateway_seen} == {"open", "closed"}, gateway_seen[-5:]
+    # Closed before the servers slept, opened after each sync (the one before step 1, then one per
+    # step); the last poll may come before the last step's sync.
+    assert max(h["times_closed"] for h in gateway_seen) >= 2, gateway_seen[-1]
+    assert max(h["times_opened"] for h in gateway_seen) >= 3, gateway_seen[-1]
     assert max(h["global_steps"] or 0 for h in gateway_seen) >= 1
     assert max(server_steps_seen) >= 1, sorted(server_steps_seen)
     # Nothing of the trainer's is left: its gateway is closed.
