@@ -29,7 +29,7 @@ class GatedCheckpointEngineManager(CheckpointEngineManager):
         return await super().sleep_replicas()
 
     @auto_await
-    async def update_weights(self, global_steps: int = None):
+    async def update_weights(self, global_steps: int | None = None):
         result = await super().update_weights(global_steps)
         if self.gateway is not None:
             self.gateway.open(global_steps)
