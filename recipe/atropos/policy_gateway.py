@@ -320,7 +320,6 @@ class PolicyGateway:
     def start(self, timeout_s: float = 30.0) -> PolicyGateway:
         import uvicorn
 
-        ready = threading.Event()
         sock = _listening_socket(self.host, self.port)  # bound here: a busy port fails now, not later
         self.port = sock.getsockname()[1]
 
@@ -331,7 +330,6 @@ class PolicyGateway:
             # Requests still running get a short grace period at shutdown (their clients retry).
             config = uvicorn.Config(build_app(self._gate), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
             self._server = uvicorn.Server(config)
-            self._loop.call_soon(ready.set)
             try:
                 self._loop.run_until_complete(self._server.serve(sockets=[sock]))
                 # uvicorn cancels the requests still running after the grace period but does not wait
@@ -347,7 +345,7 @@ class PolicyGateway:
         self._thread = threading.Thread(target=serve, name="atropos-policy-gateway", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s
-        while not (ready.is_set() and self._server.started):
+        while not (self._server is not None and self._server.started):  # started: its loop runs
             if time.monotonic() > deadline or not self._thread.is_alive():
                 self.stop()
                 sock.close()

@@ -18,9 +18,9 @@ document the schema (OpenAPI).
 
 Threads: evaluations run one at a time on a runner, off the event loop, so ``/health`` stays
 responsive. An evaluation whose client disconnects (it timed out, and will retry) before its turn
-comes is dropped, not run: retries do not pile up behind a slow environment. Under ``serve`` the runner is the main thread (uvicorn runs in a second thread),
-where math-verify's signal-based timeouts work; an app built by :func:`create_app` alone uses a
-worker thread.
+comes is dropped, not run: retries do not pile up behind a slow environment. Under ``serve`` the
+runner is the main thread (uvicorn runs in a second thread), where math-verify's signal-based
+timeouts work; an app built by :func:`create_app` alone uses a worker thread.
 """
 
 from __future__ import annotations

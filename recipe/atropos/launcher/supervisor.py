@@ -149,7 +149,7 @@ class Launcher:
             if code is not None:
                 self._write_state()
                 logger.info("trainer exited with code %s before its policy endpoint answered: ending the run", code)
-                return code if code >= 0 else 128 - code
+                return _shell_exit_code(code)
             self._check_alive(api, "the trajectory API")
             healthy, seen = probe(policy.health_url)
             now = time.monotonic()
@@ -245,7 +245,7 @@ class Launcher:
             if code is not None:
                 self._write_state()
                 logger.info("trainer exited with code %s: ending the run", code)
-                return code if code >= 0 else 128 - code
+                return _shell_exit_code(code)
             for worker in workers:
                 worker_code = worker.poll()
                 if worker_code is not None:
@@ -332,3 +332,7 @@ class Launcher:
             logging.getLogger("atropos.launcher").removeHandler(self._log_handler)
             self._log_handler.close()
 
+
+def _shell_exit_code(code: int) -> int:
+    """A child's exit status as a shell reports it: killed by signal N (Popen's -N) is 128 + N."""
+    return code if code >= 0 else 128 - code
