@@ -32,7 +32,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gzip
-import hmac
 import ipaddress
 import logging
 import os
@@ -55,6 +54,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recipe.atropos import wire
+from recipe.atropos.http_auth import CHALLENGE_HEADERS, authorization_header, bearer_refusal
 from recipe.atropos.environments.base import (
     ContractError,
     Environment,
@@ -460,7 +460,7 @@ class _GuardMiddleware:
     def __init__(self, app: ASGIApp, state: ServiceState, api_key: str | None) -> None:
         self.app = app
         self.state = state
-        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.api_key = api_key or None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -473,15 +473,14 @@ class _GuardMiddleware:
                 self.state.count_status(message["status"])
             await send(message)
 
-        if self.expected is not None and scope["path"] != "/health":
-            given = next((value for name, value in scope["headers"] if name == b"authorization"), b"")
-            if not hmac.compare_digest(given, self.expected):
-                reason = "missing" if not given else "wrong"
+        if self.api_key is not None and scope["path"] != "/health":
+            reason = bearer_refusal(authorization_header(scope), self.api_key)
+            if reason is not None:
                 response = error_response(
                     401,
                     "unauthorized",
-                    f"this service needs 'Authorization: Bearer <key>'; the request's is {reason}",
-                    {"WWW-Authenticate": "Bearer"},
+                    f"this service needs 'Authorization: Bearer <key>'; the request's key is {reason}",
+                    CHALLENGE_HEADERS,
                 )
                 await response(scope, receive, counting_send)
                 return

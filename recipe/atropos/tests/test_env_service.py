@@ -372,6 +372,11 @@ def test_api_key_guards_every_endpoint_but_health(strict_service):
     assert requests.get(strict_service.url + "/openapi.json", timeout=10).status_code == 401
     assert health(strict_service)["auth_required"] is True
     assert post(strict_service, payload, headers=AUTH).status_code == 200
+    # The scheme is case-insensitive (RFC 7235); another scheme is refused, saying which it was.
+    for scheme in ("bearer", "BEARER", "bEaReR"):
+        assert post(strict_service, payload, headers={"Authorization": f"{scheme} {API_KEY}"}).status_code == 200
+    basic = post(strict_service, payload, headers={"Authorization": f"Basic {API_KEY}"})
+    assert_error(basic, 401, "unauthorized", "not a Bearer key", "Basic")
 
 
 @pytest.mark.timeout(60)
