@@ -51,6 +51,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from recipe.atropos import wire
@@ -73,6 +74,7 @@ DEFAULT_MAX_TOTAL_TOKENS = 32 * 1024 * 1024
 # Below this a gzip'ed JSON answer saves less than it costs; msgpack float arrays never shrink enough.
 GZIP_MIN_BYTES = 64 * 1024
 _RETRY_AFTER_S = "1"
+_CLIENT_GONE_STATUS = 499  # nginx's "client closed request": an answer nobody reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -322,6 +324,10 @@ def encode_answer(payload: Mapping[str, Any], accept: str | None, accept_encodin
     return _Encoded(body, wire.JSON, headers)
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its answer was ready (while sending its body, or waiting)."""
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The raw body, refused with 413 as soon as it (or its declared length) passes ``limit``."""
     declared = request.headers.get("content-length", "")
@@ -330,10 +336,13 @@ async def read_body(request: Request, limit: int) -> bytes:
             413, "payload_too_large", f"body of {int(declared)} bytes is over this service's limit of {limit} bytes"
         )
     chunks = bytearray()
-    async for chunk in request.stream():
-        chunks += chunk
-        if len(chunks) > limit:
-            raise ServiceError(413, "payload_too_large", f"body is over this service's limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            chunks += chunk
+            if len(chunks) > limit:
+                raise ServiceError(413, "payload_too_large", f"body is over this service's limit of {limit} bytes")
+    except ClientDisconnect as exc:  # an ordinary client timeout mid-upload, not the service's failure
+        raise _ClientGone from exc
     return bytes(chunks)
 
 
@@ -434,12 +443,8 @@ class ServiceState:
         self.inference_endpoint: InferenceEndpoint | None = None
 
     def count_status(self, status: int) -> None:
-        if status >= 400:
+        if status >= 400 and status != _CLIENT_GONE_STATUS:  # abandoned requests have their own counter
             self.errors_by_status[status] += 1
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its evaluation's answer was ready."""
 
 
 async def _unless_client_leaves(request: Request, job: asyncio.Future, poll_s: float = 0.2) -> Any:
@@ -551,6 +556,11 @@ def create_app(
             getattr(exc, "headers", None),
         )
 
+    @app.exception_handler(_ClientGone)
+    async def _on_client_gone(request: Request, exc: _ClientGone) -> Response:
+        state.requests_abandoned += 1
+        return Response(status_code=_CLIENT_GONE_STATUS)
+
     @app.exception_handler(ServiceError)
     async def _on_service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
@@ -639,7 +649,7 @@ def create_app(
             encoded, batch_size = await _unless_client_leaves(request, job)
         except _ClientGone:
             state.requests_abandoned += 1
-            return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
+            return Response(status_code=_CLIENT_GONE_STATUS)
         except Exception as exc:  # noqa: BLE001 - every failure becomes the protocol's error shape
             return _error_for(exc)
         finally:
