@@ -20,7 +20,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, TypeVar
 
@@ -38,6 +38,7 @@ __all__ = [
     "AtroposUnavailableError",
     "ClientStats",
     "EvaluationResult",
+    "InvalidSample",
     "TrajectoryInfo",
     "TrajectoryStatus",
 ]
@@ -162,20 +163,38 @@ class _RetryableFailure(Exception):
 
 
 @dataclass(frozen=True)
+class InvalidSample:
+    """One sample's part of an answer that breaks the contract, kept in place of the value.
+
+    A bad sample must cost that sample only, so the client does not reject the whole answer for
+    it: the caller decides (fall back for that sample, or stop when fallback is off). ``reason``
+    is a short key for metrics (``malformed``, ``non_finite``, ``out_of_range``, ...),
+    ``message`` says which field and value.
+    """
+
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
 class EvaluationResult:
     """The validated answer of ``/evaluate_and_compute_advantages`` for a batch of B samples.
 
     ``advantages[i]`` is a float32 array with one value per response token, a float (a sequence
-    level advantage to broadcast) or None (compute standard GRPO for that sample). Whether a token
-    array's length matches the sample's response is checked by the caller, which can fall back per
-    sample. ``scores`` is a float64 array of shape (B,), ``metrics`` the environment's metrics,
-    ``raw`` the decoded answer as received.
+    level advantage to broadcast), None (compute standard GRPO for that sample) or an
+    :class:`InvalidSample`. Whether a token array's length matches the sample's response is checked
+    by the caller, which can fall back per sample. ``scores`` is a float64 array of shape (B,), NaN
+    where ``invalid_scores`` holds why the score was unusable. ``metrics`` the environment's
+    numeric metrics (``ignored_metrics`` names those that were not numbers), ``raw`` the decoded
+    answer as received.
     """
 
-    advantages: list[np.ndarray | float | None]
+    advantages: list[np.ndarray | float | None | InvalidSample]
     scores: np.ndarray
     metrics: dict[str, float]
     raw: dict[str, Any]
+    invalid_scores: dict[int, InvalidSample] = field(default_factory=dict)
+    ignored_metrics: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -926,7 +945,13 @@ def _service_error(response: requests.Response) -> tuple[str | None, str]:
 
 
 def _parse_evaluation(body: Any, batch_size: int, where: str) -> EvaluationResult:
-    """Check an evaluation answer against the contract: types everywhere, B items per list."""
+    """Check an evaluation answer against the contract: types everywhere, B items per list.
+
+    What cannot be pinned on one sample (not an object, a list missing or of the wrong length)
+    rejects the answer. One sample's unusable advantage or score becomes an
+    :class:`InvalidSample` in its place, and a metric that is not a number is left out, so that a
+    bad sample costs that sample only.
+    """
 
     def broken(message: str, field: str, **details: Any) -> AtroposProtocolError:
         return AtroposProtocolError(f"{where}: the answer breaks the contract: {message}", field=field, **details)
@@ -949,24 +974,8 @@ def _parse_evaluation(body: Any, batch_size: int, where: str) -> EvaluationResul
             )
         return values
 
-    advantages = [
-        _sample_advantage(item, index, broken) for index, item in enumerate(per_sample_list("advantages"))
-    ]
-
-    scores_raw = per_sample_list("scores")
-    if isinstance(scores_raw, np.ndarray) and scores_raw.dtype.kind in "iuf":
-        scores = scores_raw.astype(np.float64)
-    else:
-        for index, value in enumerate(scores_raw):
-            if not _is_number(value):
-                raise broken(
-                    f"scores[{index}]: expected a number, got {_type_name(value)}", "scores", sample_index=index
-                )
-        scores = np.asarray(scores_raw, dtype=np.float64)
-    non_finite = np.flatnonzero(~np.isfinite(scores))
-    if non_finite.size:
-        index = int(non_finite[0])
-        raise broken(f"scores[{index}]: {scores[index]} is not finite", "scores", sample_index=index)
+    advantages = [_sample_advantage(item, index) for index, item in enumerate(per_sample_list("advantages"))]
+    scores, invalid_scores = _scores(per_sample_list("scores"))
 
     metrics_raw = body.get("metrics", {})
     if metrics_raw is None:
@@ -974,57 +983,98 @@ def _parse_evaluation(body: Any, batch_size: int, where: str) -> EvaluationResul
     if not isinstance(metrics_raw, Mapping):
         raise broken(f"metrics: expected an object of numbers, got {_type_name(metrics_raw)}", "metrics")
     metrics: dict[str, float] = {}
+    ignored: list[str] = []
     for name, value in metrics_raw.items():
-        if not _is_number(value):
-            raise broken(f"metrics.{name}: expected a number, got {_type_name(value)}", f"metrics.{name}")
-        metrics[str(name)] = float(value)
+        number = _finite_or_none(value) if _is_number(value) else None
+        if number is None:  # the environment's own metrics: logged when usable, never worth a step
+            ignored.append(str(name))
+        else:
+            metrics[str(name)] = number
+    if ignored:
+        logger.warning("%s: metrics %s are not finite numbers; left out", where, ignored[:10])
+    return EvaluationResult(
+        advantages=advantages, scores=scores, metrics=metrics, raw=dict(body), invalid_scores=invalid_scores,
+        ignored_metrics=tuple(ignored),
+    )
 
-    return EvaluationResult(advantages=advantages, scores=scores, metrics=metrics, raw=dict(body))
+
+def _finite_or_none(value: Any) -> float | None:
+    """float(value) when it is a finite float64, else None (ints beyond float64 overflow)."""
+    try:
+        number = float(value)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return number if math.isfinite(number) else None
 
 
-def _sample_advantage(item: Any, index: int, broken: Any) -> np.ndarray | float | None:
-    """One sample's advantage: a float32 token array, one float, or None (no override)."""
+def _scores(values: Sequence[Any]) -> tuple[np.ndarray, dict[int, InvalidSample]]:
+    """float64 [B] scores, NaN where a score is unusable, and why."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iuf":
+        scores = values.astype(np.float64)
+    else:
+        scores = np.array([_finite_or_none(v) if _is_number(v) else None for v in values], dtype=np.float64)
+    invalid: dict[int, InvalidSample] = {}
+    for index in np.flatnonzero(~np.isfinite(scores)).tolist():
+        value = values[index]
+        reason = "non_finite" if _is_number(value) else "malformed"
+        invalid[index] = InvalidSample(reason, f"scores[{index}]: {_describe(value)} is not a finite number")
+        scores[index] = np.nan
+    return scores, invalid
+
+
+def _describe(value: Any) -> str:
+    """A value for a message: short, whatever it is."""
+    return _type_name(value) if _is_list_like(value) or isinstance(value, Mapping) else f"{value!r:.40}"
+
+
+def _sample_advantage(item: Any, index: int) -> np.ndarray | float | None | InvalidSample:
+    """One sample's advantage: a float32 token array, one float, None (no override) or why it is unusable."""
     field = f"advantages[{index}]"
     if item is None:
         return None
     if _is_number(item):
-        value = float(item)
+        try:
+            value = float(item)
+        except OverflowError:  # an int beyond float64
+            return InvalidSample("out_of_range", f"{field}: an integer of {len(str(abs(int(item))))} digits is beyond float64")
         if not math.isfinite(value):
-            raise broken(f"{field}: {value} is not finite", "advantages", sample_index=index)
+            return InvalidSample("non_finite", f"{field}: {value} is not finite")
         return value
     if not _is_list_like(item):
-        raise broken(
-            f"{field}: expected a list of numbers, a number or null, got {_type_name(item)}",
-            "advantages",
-            sample_index=index,
+        return InvalidSample(
+            "malformed", f"{field}: expected a list of numbers, a number or null, got {_type_name(item)}"
         )
     if isinstance(item, np.ndarray):
         if item.ndim != 1 or (item.size and item.dtype.kind not in "iuf"):
-            raise broken(
-                f"{field}: expected a flat array of numbers, got {_type_name(item)}", "advantages", sample_index=index
-            )
+            return InvalidSample("malformed", f"{field}: expected a flat array of numbers, got {_type_name(item)}")
         array = item
     else:
         # numpy's type inference checks thousands of values at C speed; only a failure walks the list.
         try:
             array = np.asarray(item)
-        except (ValueError, TypeError):  # ragged nesting
+        except (ValueError, TypeError, OverflowError):  # ragged nesting
             array = None
         if array is None or array.ndim != 1 or (array.size and array.dtype.kind not in "iuf"):
             for position, value in enumerate(item):
                 if not _is_number(value):
-                    raise broken(
-                        f"{field}[{position}]: expected a number, got {_type_name(value)}",
-                        "advantages",
-                        sample_index=index,
+                    return InvalidSample(
+                        "malformed", f"{field}[{position}]: expected a number, got {_type_name(value)}"
                     )
-            raise broken(f"{field}: expected a flat list of numbers", "advantages", sample_index=index)
-    array = array.astype(np.float32, copy=False)
-    if not array.flags.writeable:  # msgpack arrays view the received bytes; callers may write
-        array = array.copy()
+            try:  # only ints beyond int64 get here: numpy made them objects
+                array = np.asarray(item, dtype=np.float64)
+            except OverflowError:
+                return InvalidSample("out_of_range", f"{field}: holds an integer beyond float64")
+    wide = array.astype(np.float64, copy=False)
+    if not np.isfinite(wide).all():
+        position = int(np.flatnonzero(~np.isfinite(wide))[0])
+        return InvalidSample("non_finite", f"{field}[{position}]: {wide[position]} is not finite")
+    with np.errstate(over="ignore"):
+        array = array.astype(np.float32, copy=False)
     if not np.isfinite(array).all():
         position = int(np.flatnonzero(~np.isfinite(array))[0])
-        raise broken(f"{field}[{position}]: {array[position]} is not finite", "advantages", sample_index=index)
+        return InvalidSample("out_of_range", f"{field}[{position}]: {wide[position]:.3g} is beyond float32")
+    if not array.flags.writeable:  # msgpack arrays view the received bytes; callers may write
+        array = array.copy()
     return array
 
 

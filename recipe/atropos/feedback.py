@@ -6,6 +6,11 @@ actor update: it waits for the answer, turns it into advantages with AtroposGRPO
 writes them into the batch. A service that is down, too slow or answering nonsense makes the step
 fall back to the GRPO advantages verl already computed from its own reward (or stops the run, with
 `fallback_to_grpo=false`).
+
+With fallback on, no answer stops the run, whatever its shape or values; only a refused API key
+does (a setting to fix). A sample whose part of the answer is unusable falls back alone
+(`atropos/fallback_samples/<reason>`, see AtroposGRPOComputer); a step that falls back as a whole
+says why in `atropos/fallback/<reason>`, one of STEP_FALLBACK_REASONS.
 """
 
 from __future__ import annotations
@@ -21,7 +26,14 @@ import requests
 import torch
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np
-from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient, AtroposRequestError, EvaluationResult
+from recipe.atropos.client import (
+    AtroposAPIError,
+    AtroposEnvironmentClient,
+    AtroposProtocolError,
+    AtroposRequestError,
+    EvaluationResult,
+    InvalidSample,
+)
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.data_processing import BatchView, build_environment_request
 from recipe.atropos.grpo_computer import AtroposGRPOComputer, advantage_metrics
@@ -36,6 +48,17 @@ SERVICE_HINT = (
 
 
 OUTAGE_PROBE_TIMEOUT_S = 5.0  # the one /health probe per step while the service is down
+
+# Why a whole step used standard GRPO (metrics `atropos/fallback/<reason>`, 1 for the step's reason):
+# unavailable: down, too slow, or kept failing (5xx); request_rejected: a 4xx other than 401/403;
+# invalid_answer: an answer that cannot be pinned on samples (not an object, lists of the wrong
+# length, undecodable); reordered_batch: the batch's order changed before the update;
+# no_overrides: the answer arrived but no sample took it (all null, or all fell back alone).
+STEP_FALLBACK_REASONS = ("unavailable", "request_rejected", "invalid_answer", "reordered_batch", "no_overrides")
+
+
+class _BatchReordered(ValueError):
+    """The batch's uid order changed between the request and the update."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,51 +160,89 @@ class EnvironmentFeedback:
         pending, self._pending = self._pending, None
         wait_start = time.perf_counter()
         metrics: dict[str, float] = {}
+        reason = None
         try:
             result, latency_s = pending.future.result()
             if not np.array_equal(pending.uids_B, batch.non_tensor_batch["uid"]):
-                raise ValueError("the batch was reordered between the request and the update")
+                raise _BatchReordered("the batch was reordered between the request and the update")
         except (AtroposAPIError, requests.RequestException, ConnectionError, ValueError) as exc:
-            self._on_failure(exc, step)
+            reason = self._on_failure(exc, step)
             result, latency_s = None, float("nan")
         metrics["atropos/wait_s"] = time.perf_counter() - wait_start
 
-        response_mask_BT = batch.batch["response_mask"]
-        if result is None:
-            # verl's compute_advantage already gave this batch standard GRPO on its own reward.
-            metrics.update(advantage_metrics(batch.batch["advantages"], response_mask_BT, None))
-        else:
+        output = None
+        if result is not None:
             if self._outage_steps:
                 logger.warning("environment service at %s answers again after %d step(s): overrides resume.",
                                self.config.api_url, self._outage_steps)
                 self._outage_steps = 0
-            output = self.computer.compute(
-                batch.batch["token_level_rewards"], response_mask_BT, batch.non_tensor_batch["uid"],
-                self._env_advantages(result, batch), alignment_mask_BT=pending.response_mask_BT,
-            )
+            output, reason = self._compute(result, batch, pending, step)
+        if output is None:
+            # verl's compute_advantage already gave this batch standard GRPO on its own reward.
+            metrics.update(advantage_metrics(batch.batch["advantages"], batch.batch["response_mask"], None))
+        else:
             batch.batch["advantages"] = output.advantages_BT
             batch.batch["returns"] = output.returns_BT
             metrics.update(output.metrics)
             metrics.update({f"atropos/env/{name}": value for name, value in result.metrics.items()})
-            metrics["atropos/env/mean_score"] = float(np.mean(result.scores)) if len(result.scores) else 0.0
+            scores = result.scores[np.isfinite(result.scores)]
+            metrics["atropos/env/mean_score"] = float(np.mean(scores)) if len(scores) else 0.0
+            metrics["atropos/env_metrics_ignored"] = float(len(result.ignored_metrics))
+            if metrics["atropos/fallback"]:
+                reason = "no_overrides"
+        metrics.update({f"atropos/fallback/{name}": float(name == reason) for name in STEP_FALLBACK_REASONS})
         self.fallback_steps_total += int(metrics["atropos/fallback"])
         metrics["atropos/fallback_steps_total"] = float(self.fallback_steps_total)
         metrics["atropos/api_latency_s"] = latency_s
         metrics["atropos/retries"] = float(self.client.stats.retries - pending.retries_before)
         return metrics
 
+    def _compute(self, result: EvaluationResult, batch: DataProto, pending: _PendingRequest, step: int):
+        """(the computer's output, None), or (None, reason) when the answer is unusable as a whole.
+
+        With fallback off a bad sample raises AtroposProtocolError (from the computer, or here for
+        a bad score), as before any update.
+        """
+        if result.invalid_scores and not self.config.fallback_to_grpo:
+            index, invalid = next(iter(result.invalid_scores.items()))
+            raise AtroposProtocolError(invalid.message, field="scores", sample_index=index)
+        try:
+            output = self.computer.compute(
+                batch.batch["token_level_rewards"], batch.batch["response_mask"], batch.non_tensor_batch["uid"],
+                self._env_advantages(result, batch), alignment_mask_BT=pending.response_mask_BT,
+            )
+        except (AtroposAPIError, ValueError) as exc:
+            # Not expected with fallback on (samples fall back one by one); kept so that no answer
+            # can stop the run.
+            if not self.config.fallback_to_grpo:
+                raise
+            logger.warning("step %d: the service's answer could not be used (%s); standard GRPO this step.", step, exc)
+            return None, "invalid_answer"
+        return output, None
+
     def _env_advantages(self, result: EvaluationResult, batch: DataProto) -> list:
         if self.config.use_advantages:
             return result.advantages
-        # The service as a reward model: GRPO on its scores, one float per sample.
-        return compute_grpo_outcome_advantages_np(
-            result.scores,
-            batch.non_tensor_batch["uid"],
-            epsilon=self.computer.epsilon,
-            norm_adv_by_std=self.computer.norm_adv_by_std_in_grpo,
-        ).tolist()
+        # The service as a reward model: GRPO on its scores, one float per sample; a sample whose
+        # score is unusable falls back alone and leaves its group's statistics.
+        valid_B = np.isfinite(result.scores)
+        advantages: list = [None] * len(valid_B)
+        for i in np.flatnonzero(~valid_B).tolist():
+            invalid = result.invalid_scores.get(i)
+            advantages[i] = InvalidSample("invalid_score", invalid.message if invalid else f"scores[{i}] is not finite")
+        if valid_B.any():
+            values = compute_grpo_outcome_advantages_np(
+                result.scores[valid_B],
+                batch.non_tensor_batch["uid"][valid_B],
+                epsilon=self.computer.epsilon,
+                norm_adv_by_std=self.computer.norm_adv_by_std_in_grpo,
+            )
+            for i, value in zip(np.flatnonzero(valid_B).tolist(), values.tolist()):
+                advantages[i] = value
+        return advantages
 
-    def _on_failure(self, exc: Exception, step: int) -> None:
+    def _on_failure(self, exc: Exception, step: int) -> str:
+        """Stop the run (a refused key, or fallback off), or return the step's fallback reason."""
         if isinstance(exc, AtroposRequestError) and exc.status in (401, 403):
             # A refused key is a setting to fix, not an outage: falling back would train a whole run
             # on plain GRPO.
@@ -199,3 +260,10 @@ class EnvironmentFeedback:
                 step, self.config.api_url, exc,
             )
         self._outage_steps += 1
+        if isinstance(exc, _BatchReordered):
+            return "reordered_batch"
+        if isinstance(exc, AtroposRequestError):
+            return "request_rejected"
+        if isinstance(exc, AtroposProtocolError):
+            return "invalid_answer"
+        return "unavailable"

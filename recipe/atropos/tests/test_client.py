@@ -25,6 +25,7 @@ from recipe.atropos.client import (
     AtroposRequestError,
     AtroposUnavailableError,
     EvaluationResult,
+    InvalidSample,
     TrajectoryInfo,
     TrajectoryStatus,
 )
@@ -354,12 +355,7 @@ GOOD = {"advantages": [0.5, -0.5, None, [1.0, 2.0]], "scores": [1.0, 0.0, 1.0, 0
         ([1, 2], "body", ["expected an object", "list"]),
         ({**GOOD, "advantages": [0.5, -0.5, None]}, "advantages", ["has 3 items, expected 4"]),
         ({k: v for k, v in GOOD.items() if k != "scores"}, "scores", ["scores: missing"]),
-        ({**GOOD, "scores": [1.0, "high", 1.0, 0.5]}, "scores", ["scores[1]", "str"]),
-        ({**GOOD, "scores": [1.0, None, 1.0, 0.5]}, "scores", ["scores[1]", "null"]),
-        ({**GOOD, "advantages": [0.5, -0.5, "up", None]}, "advantages", ["advantages[2]", "str"]),
-        ({**GOOD, "advantages": [0.5, -0.5, None, [1.0, "x"]]}, "advantages", ["advantages[3][1]", "str"]),
-        ({**GOOD, "advantages": [0.5, -0.5, None, [[1.0], [2.0]]]}, "advantages", ["advantages[3][0]", "list"]),
-        ({**GOOD, "metrics": {"acc": "high"}}, "metrics.acc", ["metrics.acc", "str"]),
+        ({**GOOD, "scores": {"a": 1}}, "scores", ["scores: expected a list of 4 items", "dict"]),
         ({**GOOD, "metrics": [0.5]}, "metrics", ["metrics", "list"]),
     ],
     ids=lambda value: value if isinstance(value, str) else None,
@@ -376,17 +372,46 @@ def test_malformed_200_bodies_raise_protocol_errors_naming_the_field(server, bod
     assert (client.stats.requests, client.stats.failures, client.stats.retries) == (1, 1, 0)
 
 
-def test_protocol_error_carries_sample_index_and_sizes(server):
+def test_protocol_error_carries_sizes(server):
     server.inject(EVALUATE, Fault(status=200, body={**GOOD, "scores": [1.0, 2.0]}))
     with pytest.raises(AtroposProtocolError) as raised:
         make_client(server.url).evaluate_and_compute_advantages(**small_batch())
     assert (raised.value.expected, raised.value.actual) == (4, 2)
 
-    server.inject(EVALUATE, Fault(status=200, body={**GOOD, "advantages": [0.5, [1.0, float("nan")], None, 1.0]},
-                                  content_type=wire.MSGPACK))
-    with pytest.raises(AtroposProtocolError, match=r"advantages\[1\]\[1\]: nan is not finite") as raised:
-        make_client(server.url).evaluate_and_compute_advantages(**small_batch())
-    assert raised.value.sample_index == 1
+
+@pytest.mark.parametrize(
+    ("field", "item", "reason", "needle"),
+    [
+        ("advantages", "up", "malformed", "advantages[1]: expected a list of numbers, a number or null, got str"),
+        ("advantages", [1.0, "x"], "malformed", "advantages[1][1]: expected a number, got str"),
+        ("advantages", [[1.0], [2.0]], "malformed", "advantages[1][0]: expected a number, got list"),
+        ("advantages", [1.0, float("nan")], "non_finite", "advantages[1][1]: nan is not finite"),
+        ("advantages", float("inf"), "non_finite", "advantages[1]: inf is not finite"),
+        ("advantages", [1e300, 1.0], "out_of_range", "advantages[1][0]: 1e+300 is beyond float32"),
+        ("scores", "high", "malformed", "scores[1]: 'high' is not a finite number"),
+        ("scores", None, "malformed", "scores[1]: None is not a finite number"),
+        ("scores", float("nan"), "non_finite", "scores[1]: nan is not a finite number"),
+    ],
+)
+def test_one_bad_sample_is_kept_in_place_not_the_whole_answer_rejected(server, field, item, reason, needle):
+    """README: a bad sample costs that sample; the client marks it, the others stay usable."""
+    body = {**GOOD, "metrics": {"acc": 0.5, "note": "text"}}
+    body[field] = list(body[field])
+    body[field][1] = item
+    server.inject(EVALUATE, Fault(status=200, body=body, content_type=wire.MSGPACK))
+    client = make_client(server.url)
+    result = client.evaluate_and_compute_advantages(**small_batch())
+    if field == "advantages":
+        assert isinstance(result.advantages[1], InvalidSample) and result.advantages[1].reason == reason
+        assert needle in result.advantages[1].message
+        assert not np.isnan(result.scores).any()
+    else:
+        assert np.isnan(result.scores[1]) and result.invalid_scores[1].reason == reason
+        assert needle in result.invalid_scores[1].message
+        assert result.advantages[1] == -0.5
+    assert result.advantages[0] == 0.5 and result.advantages[2] is None and result.scores[0] == 1.0
+    assert result.metrics == {"acc": 0.5} and result.ignored_metrics == ("note",)
+    assert (client.stats.requests, client.stats.failures) == (1, 0)
 
 
 def test_msgpack_answers_with_mixed_advantages_are_accepted(server):

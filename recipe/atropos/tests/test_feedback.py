@@ -203,3 +203,47 @@ def test_token_lists_follow_the_mask_they_were_made_for(server, tokenizer):
     assert advantages[0, 0] == 0  # the dropped token trains on nothing
     assert torch.equal(advantages[1][sent_mask[1].bool()], advantages[1][sent_mask[1].bool()][0].expand(int(sent_mask[1].sum())))
     assert (advantages[0][1:][sent_mask[0, 1:].bool()] != 0).all()
+
+
+def test_a_bad_score_costs_that_sample_when_advantages_come_from_scores(server, tokenizer):
+    """use_advantages=false: GRPO on the service's scores; a NaN score drops that sample alone."""
+    body = {"advantages": [None] * 4, "scores": [1.0, 0.0, float("nan"), 0.0], "metrics": {}}
+    server.inject(EVALUATE, Fault(status=200, body=body, content_type=wire.MSGPACK))
+    feedback = make_feedback(server, tokenizer, use_advantages=False)
+    batch = make_batch(tokenizer)
+    grpo = batch.batch["advantages"].clone()
+    feedback.submit(batch, step=1)
+    metrics = feedback.apply(batch, step=1)
+    mask = batch.batch["response_mask"].bool()
+    assert torch.allclose(batch.batch["advantages"][0][mask[0]], torch.tensor(0.5 / (0.5**0.5 + 1e-6)))
+    assert torch.equal(batch.batch["advantages"][2], grpo[2])  # its own GRPO, from verl's reward
+    assert batch.batch["advantages"][3][mask[3]].tolist() == [0.0] * int(mask[3].sum())  # a group of one now
+    assert metrics["atropos/fallback_samples/invalid_score"] == 1.0 and metrics["atropos/fallback"] == 0.0
+    assert metrics["atropos/env/mean_score"] == pytest.approx(1 / 3)
+
+    server.inject(EVALUATE, Fault(status=200, body=body, content_type=wire.MSGPACK))
+    strict = make_feedback(server, tokenizer, use_advantages=False, fallback_to_grpo=False)
+    strict.submit(batch, step=2)
+    with pytest.raises(AtroposProtocolError, match=r"scores\[2\]: nan is not a finite number"):
+        strict.apply(batch, step=2)
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        (Fault(status=503), "unavailable"),
+        (Fault(status=422), "request_rejected"),
+        (Fault(status=200, body={"advantages": [0.5], "scores": [0.0], "metrics": {}}), "invalid_answer"),
+        (Fault(status=200, body={"advantages": [None] * 4, "scores": [0.0] * 4}), "no_overrides"),
+        (Fault(status=200, body={"advantages": ["x", None, [1e300], float("inf")], "scores": [0.0] * 4},
+               content_type=wire.MSGPACK), "no_overrides"),
+    ],
+)
+def test_every_step_fallback_is_counted_with_its_reason(server, tokenizer, fault, reason):
+    server.inject(EVALUATE, fault, times=2)
+    feedback = make_feedback(server, tokenizer)
+    batch = make_batch(tokenizer)
+    feedback.submit(batch, step=1)
+    metrics = feedback.apply(batch, step=1)
+    assert metrics["atropos/fallback"] == 1.0
+    assert {k: v for k, v in metrics.items() if k.startswith("atropos/fallback/") and v} == {f"atropos/fallback/{reason}": 1.0}

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
 from recipe.atropos.client import AtroposProtocolError
-from recipe.atropos.grpo_computer import AtroposGRPOComputer
+from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from verl.trainer.ppo import core_algos
 
 
@@ -163,3 +163,50 @@ def test_integration_module_exports_the_public_api():
     for name in atropos_integration.__all__:
         assert getattr(atropos_integration, name) is not None
     assert issubclass(atropos_integration.AtroposUnavailableError, atropos_integration.AtroposAPIError)
+
+
+def test_a_finite_number_beyond_float32_falls_back_alone():
+    """Issue 14: 1e300 is finite as sent but inf as float32; it must cost that sample, not the run."""
+    rewards, mask, index = torch.zeros(2, 3), torch.ones(2, 3), np.array(["a", "a"], dtype=object)
+    out = AtroposGRPOComputer(allow_fallback=True).compute(rewards, mask, index, [1e300, 0.5])
+    grpo, _ = core_algos.compute_grpo_outcome_advantage(rewards, mask, index)
+    assert torch.equal(out.advantages_BT[0], grpo[0]) and out.advantages_BT[1].tolist() == [0.5] * 3
+    assert out.metrics["atropos/fallback_samples/out_of_range"] == 1.0 and out.metrics["atropos/fallback"] == 0.0
+    for answer in ([1e300, 0.5], [[0.0, 1e300, 0.0], 0.5], [-(10**400), 0.5]):
+        with pytest.raises(AtroposProtocolError, match=r"advantages\[0\]: .*beyond float"):
+            AtroposGRPOComputer(allow_fallback=False).compute(rewards, mask, index, answer)
+
+
+def test_overrides_are_checked_in_the_training_dtype():
+    """float32-finite overrides that overflow the rewards' dtype (fp16 here) fall back, on both entry points."""
+    rewards, mask, index = torch.zeros(2, 3, dtype=torch.float16), torch.ones(2, 3), np.array([0, 0])
+    out = AtroposGRPOComputer().compute(rewards, mask, index, [[1e5, 0.0, 0.0], 2.0])
+    assert torch.isfinite(out.advantages_BT).all() and out.advantages_BT[1].tolist() == [2.0] * 3
+    assert out.metrics["atropos/fallback_samples/out_of_range"] == 1.0
+    # The trajectory path hands over tensors; NaN outside the response mask is not an error.
+    overrides = AdvantageOverrides(torch.tensor([[float("nan"), 1.0, 1.0], [7e4, 1.0, 1.0]]), torch.tensor([True, True]))
+    out = AtroposGRPOComputer().compute_from_overrides(rewards, torch.tensor([[0, 1, 1], [1, 1, 1]]), index, overrides)
+    assert out.advantages_BT[0].tolist() == [0.0, 1.0, 1.0] and out.metrics["atropos/fallback_samples/out_of_range"] == 1.0
+    with pytest.raises(AtroposProtocolError, match=r"advantages\[0\]: .*training dtype torch.float16"):
+        AtroposGRPOComputer(allow_fallback=False).compute_from_overrides(rewards, mask, index, overrides)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.none(), st.booleans(), st.text(max_size=3), st.integers(-(2**80), 2**80),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(2**70), 2**70), st.none()), max_size=5),
+            st.lists(st.lists(st.floats(), max_size=2), max_size=3),
+        ),
+        min_size=3, max_size=3,
+    ),
+    st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64]),
+)
+def test_no_answer_makes_the_computer_raise_with_fallback_on(answers, dtype):
+    mask = torch.tensor([[1, 1, 0], [0, 1, 1], [1, 1, 1]])
+    out = AtroposGRPOComputer().compute(torch.zeros(3, 3, dtype=dtype), mask, np.array([0, 0, 1]), answers)
+    assert torch.isfinite(out.advantages_BT).all() and not out.advantages_BT[mask == 0].any()
+    fell_back = sum(v for k, v in out.metrics.items() if k.startswith("atropos/fallback_samples/"))
+    assert fell_back == out.metrics["atropos/shape_mismatches"] <= 3 - sum(a is None for a in answers)
