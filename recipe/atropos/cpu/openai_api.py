@@ -5,7 +5,16 @@ agent loop talks to the same service over Ray. `/v1/completions` takes the promp
 ids, or a list of either; `max_tokens`, `temperature`, `top_p`, `top_k`, `n`, `seed`, `logprobs`
 (top-N per position), `echo` (prompt tokens and their log-probs first; with `max_tokens: 0` this
 scores a fixed text), `stop` (strings), and vLLM's `return_token_ids`. Answers have OpenAI's shape.
-No streaming, no chat endpoint.
+No streaming.
+
+`/v1/chat/completions` renders `messages` with the model's chat template (the tokenizer's, as vLLM
+does: `add_generation_prompt` true by default, vLLM's `continue_final_message` and
+`chat_template_kwargs`), samples as above and answers OpenAI's chat shape: `message.content`,
+`finish_reason`, with `logprobs: true` per-token `logprobs.content` (`top_logprobs` alternatives),
+and vLLM's extras: `return_token_ids` (`prompt_token_ids` on the answer, `token_ids` per choice) and
+`return_tokens_as_token_ids` (token strings `token_id:<id>`). This is what atroposlib's
+`server_type: openai` (`OpenAIServer`, `APIServer.chat_completion`) and `vllm` (`VLLMServer`, whose
+chat calls go to the same route) read; its `ManagedServer` instead posts `/generate`.
 
 `/generate` answers atroposlib's `server_type: vllm` and `sglang` (vLLM's and SGLang's native
 requests and answers, see recipe/atropos/generate_api.py): the tokens and log-probs that
@@ -44,6 +53,23 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     stream: bool = False
     return_token_ids: bool = False
+
+
+class ChatCompletionRequest(SamplingFields):
+    """The fields of OpenAI's chat request this server honours, plus vLLM's extras (others ignored)."""
+
+    model: str | None = None
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)  # None: the room left in the context (as vLLM)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    stream: bool = False
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
 
 
 def _sampling_settings(fields: SamplingFields, top_logprobs: int = 0) -> SamplingSettings:
@@ -121,6 +147,40 @@ def build_app(service: PolicyService) -> FastAPI:
             },
         }
 
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatCompletionRequest) -> dict[str, Any]:
+        if request.stream:
+            raise HTTPException(status_code=400, detail="stream=true is not supported")
+        prompt = _chat_prompt_token_ids(service.tokenizer, request)
+        room = service.generator.max_model_len - len(prompt)
+        if room < 1:
+            raise HTTPException(
+                status_code=400,
+                detail=f"the chat's prompt of {len(prompt)} tokens fills the context ({service.generator.max_model_len})",
+            )
+        wanted = request.max_completion_tokens or request.max_tokens or room
+        top_n = (request.top_logprobs or 0) if request.logprobs else 0
+        settings = _sampling_settings(request.model_copy(update={"max_tokens": min(wanted, room)}), top_logprobs=top_n)
+        stops = _stops(request)
+        samples = await service.generate([prompt] * request.n, settings)
+        samples = [_cut_at_stop(service.tokenizer, sample, stops) for sample in samples]
+        completion_tokens = sum(len(sample.token_ids) for sample in samples)
+        answer: dict[str, Any] = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": request.model or service.model_name,
+            "choices": [_chat_choice(service.tokenizer, request, i, sample) for i, sample in enumerate(samples)],
+            "usage": {
+                "prompt_tokens": len(prompt),
+                "completion_tokens": completion_tokens,
+                "total_tokens": len(prompt) + completion_tokens,
+            },
+        }
+        if request.return_token_ids:
+            answer["prompt_token_ids"] = prompt
+        return answer
+
     @app.post("/generate")
     async def generate(raw: Request) -> dict[str, Any] | list[dict[str, Any]]:
         try:
@@ -159,6 +219,61 @@ def _prompt_token_ids(tokenizer: Any, prompt: str | list[str] | list[int] | list
     if prompt and all(isinstance(p, int) for p in prompt):
         return [list(prompt)]
     return [tokenizer(p)["input_ids"] if isinstance(p, str) else list(p) for p in prompt]
+
+
+def _chat_prompt_token_ids(tokenizer: Any, request: ChatCompletionRequest) -> list[int]:
+    """The chat rendered with the tokenizer's template, then tokenized without adding special tokens
+    (the template writes them), as vLLM's chat route does."""
+    messages = [{**m, "content": _message_text(m.get("content"))} for m in request.messages]
+    try:
+        text = tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=request.add_generation_prompt and not request.continue_final_message,
+            continue_final_message=request.continue_final_message,
+            **(request.chat_template_kwargs or {}),
+        )
+    except Exception as exc:  # jinja errors, a tokenizer with no template: the request's fault
+        raise HTTPException(status_code=400, detail=f"cannot apply the model's chat template: {exc}") from exc
+    prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not prompt:
+        raise HTTPException(status_code=400, detail="the chat renders to an empty prompt")
+    return list(prompt)
+
+
+def _message_text(content: Any) -> Any:
+    """OpenAI's content parts (`[{"type": "text", "text": ...}]`) as one string; other content as is."""
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict) and part.get("type") == "text")
+    return content
+
+
+def _chat_choice(tokenizer: Any, request: ChatCompletionRequest, index: int, sample: Completion) -> dict[str, Any]:
+    stops = _stops(request)
+    text = _text_before_stop(tokenizer.decode(sample.token_ids, skip_special_tokens=True), stops)
+    choice: dict[str, Any] = {
+        "index": index,
+        "message": {"role": "assistant", "content": text, "tool_calls": []},
+        "logprobs": None,
+        "finish_reason": sample.finish_reason,
+        "stop_reason": None,
+    }
+    if request.logprobs:
+
+        def token_entry(token_id: int, logprob: float) -> dict[str, Any]:
+            token = f"token_id:{token_id}" if request.return_tokens_as_token_ids else tokenizer.decode([token_id])
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+
+        tops = list(sample.top_logprobs) or [{}] * len(sample.token_ids)
+        choice["logprobs"] = {
+            "content": [
+                {**token_entry(token_id, logprob), "top_logprobs": [token_entry(t, lp) for t, lp in top.items()]}
+                for token_id, logprob, top in zip(sample.token_ids, sample.log_probs, tops, strict=True)
+            ]
+        }
+    if request.return_token_ids:
+        choice["token_ids"] = list(sample.token_ids)
+    return choice
 
 
 def _cut_at_stop(tokenizer: Any, sample: Completion, stops: list[str]) -> Completion:
