@@ -1079,31 +1079,18 @@ def _sample_advantage(item: Any, index: int) -> np.ndarray | float | None | Inva
 
 
 def _check_scored_group(group: Any, group_index: int, where: str) -> None:
-    """A trajectory-API group: tokens, masks and scores with one item per sequence, aligned."""
+    """A trajectory-API group must be an object whose ``tokens`` is a list: the rows it counts for.
+
+    The rest of its shape is checked by the conversion (trajectory.py), which can drop one bad
+    sequence or group without losing the batch (run-api has already handed the batch out).
+    """
     field = f"batch[{group_index}]"
     if not isinstance(group, Mapping):
         raise AtroposProtocolError(f"{where}: {field}: expected an object, got {_type_name(group)}", field="batch")
-    for key in ("tokens", "masks", "scores"):
-        if not isinstance(group.get(key), list):
-            raise AtroposProtocolError(
-                f"{where}: {field}.{key}: expected a list, got {_type_name(group.get(key))}", field=f"batch.{key}"
-            )
-    sizes = {key: len(group[key]) for key in ("tokens", "masks", "scores")}
-    if len(set(sizes.values())) != 1:
+    if not isinstance(group.get("tokens"), list):
         raise AtroposProtocolError(
-            f"{where}: {field}: tokens, masks and scores must have one item per sequence, got sizes {sizes}",
-            field="batch",
-            actual=sizes,
+            f"{where}: {field}.tokens: expected a list, got {_type_name(group.get('tokens'))}", field="batch.tokens"
         )
-    for sequence_index, (tokens, masks) in enumerate(zip(group["tokens"], group["masks"])):
-        if not isinstance(tokens, list) or not isinstance(masks, list) or len(tokens) != len(masks):
-            raise AtroposProtocolError(
-                f"{where}: {field}: tokens[{sequence_index}] and masks[{sequence_index}] must be lists of one "
-                f"length, got {len(tokens) if isinstance(tokens, list) else _type_name(tokens)} and "
-                f"{len(masks) if isinstance(masks, list) else _type_name(masks)}",
-                field="batch.masks",
-                sample_index=sequence_index,
-            )
 
 
 def _int_fields(body: Any, names: tuple[str, ...], where: str) -> dict[str, int]:

@@ -34,6 +34,13 @@ Rules of the conversion (:func:`scored_groups_to_batch`):
   ``max_response_length`` is rejected (:class:`TrajectoryLengthError`, naming the group, sequence,
   env id and both lengths); nothing is truncated. So are malformed groups
   (:class:`TrajectoryFormatError`).
+- **drop_malformed** (the trainer passes ``fallback_to_grpo``): instead of raising, a sequence that
+  cannot be trained (tokens and masks that disagree, bad token ids, a non-finite score, over a
+  limit, no response, or its group's lists of different lengths) keeps its row as a placeholder
+  that trains nothing (one pad token each side, ``response_mask`` 0, a uid of its own so it leaves
+  its group's statistics), and unusable ``advantages`` / ``inference_logprobs`` / ``overrides``
+  are ignored for that sequence (GRPO, no log-probs). Each is counted by reason in
+  ``TrajectoryBatch.dropped`` (metrics ``atropos/trajectory/dropped/<reason>``, DROP_REASONS).
 - **Not converted:** ``ref_logprobs`` (verl computes its own reference), ``messages``, ``images``,
   ``distill_*``, ``group_overrides``.
 
@@ -48,6 +55,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -55,11 +63,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from recipe.atropos.wire import token_id_array
+
 if TYPE_CHECKING:  # verl is imported only by TrajectoryBatch.to_data_proto
     from verl import DataProto
 
 IGNORE_INDEX = -100
+# Why a sequence, or one of its optional fields, was dropped in drop_malformed mode.
+DROP_REASONS = ("group", "sequence", "score", "length", "no_response", "advantages", "inference_logprobs", "overrides")
 POLICY_STEP_KEY = "policy_step"
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class TrajectoryFormatError(ValueError):
@@ -127,6 +140,11 @@ class TrajectoryBatch:
     advantage_override_mask_B: torch.Tensor | None = None
     rollout_log_probs_BT: torch.Tensor | None = None
     generation_params_G: tuple[Mapping[str, Any] | None, ...] = field(default=())
+    dropped: Mapping[str, int] = field(default_factory=dict)
+
+    def dropped_metrics(self) -> dict[str, float]:
+        """``atropos/trajectory/dropped/<reason>``: sequences (or their fields) dropped, per DROP_REASONS."""
+        return {f"atropos/trajectory/dropped/{reason}": float(self.dropped.get(reason, 0)) for reason in DROP_REASONS}
 
     @property
     def batch_size(self) -> int:
@@ -176,6 +194,7 @@ class _Sample:
     score: float
     advantages_T: np.ndarray | None  # float32 [len(response)], None = standard GRPO
     logprobs_T: np.ndarray | None  # float32 [len(response)], 0 where not trained
+    dropped: bool = False  # a placeholder row that trains nothing (drop_malformed)
 
 
 def scored_groups_to_batch(
@@ -183,6 +202,7 @@ def scored_groups_to_batch(
     limits: TrajectoryLimits,
     *,
     uid_prefix: str | None = None,
+    drop_malformed: bool = False,
 ) -> TrajectoryBatch:
     """Convert the groups of one ``GET /batch`` answer into a :class:`TrajectoryBatch`.
 
@@ -191,21 +211,25 @@ def scored_groups_to_batch(
 
     Raises:
         TrajectoryLengthError: a sequence over a length limit.
-        TrajectoryFormatError: an empty batch, or a group that breaks ScoredData's shape.
+        TrajectoryFormatError: an empty batch, or a group that breaks ScoredData's shape (with
+            ``drop_malformed``, only an empty batch or one where no sequence can be trained).
     """
     if not groups:
         raise TrajectoryFormatError("the batch holds no groups", field="batch")
     uid_prefix = f"{uuid.uuid4().hex}-" if uid_prefix is None else uid_prefix
     samples: list[_Sample] = []
+    dropped: Counter[str] = Counter()
     uids, group_indices, sample_indices, env_ids, generation_params = [], [], [], [], []
     for g, group in enumerate(groups):
-        group_samples = _parse_group(group, g, limits)
+        group_samples = _parse_group(group, g, limits, dropped if drop_malformed else None)
         samples.extend(group_samples)
-        uids.extend([f"{uid_prefix}{g}"] * len(group_samples))
+        uids.extend([f"{uid_prefix}{g}-dropped-{i}" if s.dropped else f"{uid_prefix}{g}" for i, s in enumerate(group_samples)])
         group_indices.extend([g] * len(group_samples))
         sample_indices.extend(range(len(group_samples)))
-        env_ids.extend([group.get("env_id")] * len(group_samples))
-        generation_params.append(group.get("generation_params"))
+        env_ids.extend([group.get("env_id") if isinstance(group, Mapping) else None] * len(group_samples))
+        generation_params.append(group.get("generation_params") if isinstance(group, Mapping) else None)
+    if drop_malformed and all(s.dropped for s in samples):
+        raise TrajectoryFormatError(f"no sequence of the batch can be trained (dropped: {dict(dropped)})", field="batch")
 
     P = limits.max_prompt_length if limits.pad_to_limits else max(len(s.prompt) for s in samples)
     T = limits.max_response_length if limits.pad_to_limits else max(len(s.response) for s in samples)
@@ -253,6 +277,7 @@ def scored_groups_to_batch(
         advantage_override_mask_B=override_B if has_overrides else None,
         rollout_log_probs_BT=logprobs_BT if has_logprobs else None,
         generation_params_G=tuple(generation_params),
+        dropped=dict(dropped),
     )
 
 
@@ -282,17 +307,21 @@ def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int
     - ``identical_score_rate``: fraction of the groups of 2 or more whose scores are all equal
       (0 when there is no such group);
     - ``advantage_groups_fraction``: fraction of groups that carried token-level advantages;
-    - ``zero_advantage_fraction``: fraction of sequences with ``set_advantage_to_zero``;
+    - ``set_advantage_to_zero_fraction``: fraction of sequences whose group's ``overrides`` asked
+      ``set_advantage_to_zero`` (an environment's choice, not how many advantages came out 0);
+    - ``group_size/min``, ``group_size/max``: sequences per group (each group is its own GRPO group,
+      whatever ``rollout.n`` says);
     - with ``current_step`` (the trajectory API's step, ``GET /status``) and groups whose
       ``generation_params`` carry ``policy_step``: ``staleness/mean``, ``staleness/max``
       (current_step - policy_step over those groups) and ``staleness/known_fraction``.
     """
-    scores = [float(s) for group in groups for s in (group.get("scores") or [])]
-    multi = [group.get("scores") or [] for group in groups if len(group.get("scores") or []) >= 2]
-    identical = sum(1 for s in multi if len(set(float(x) for x in s)) == 1)
+    scores_G = [_numeric_scores(group) for group in groups]  # what a malformed group holds is skipped
+    scores = [s for group_scores in scores_G for s in group_scores]
+    multi = [s for s in scores_G if len(s) >= 2]
+    identical = sum(1 for s in multi if len(set(s)) == 1)
     with_advantages = sum(1 for group in groups if group.get("advantages"))
     zeroed = sum(
-        1 for group in groups for o in (group.get("overrides") or []) if isinstance(o, Mapping) and o.get("set_advantage_to_zero")
+        1 for group in groups for o in _list_or_empty(group.get("overrides")) if isinstance(o, Mapping) and o.get("set_advantage_to_zero")
     )
     metrics = {
         "atropos/batch_groups": float(len(groups)),
@@ -300,8 +329,11 @@ def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int
         "atropos/mean_score": float(np.mean(scores)) if scores else math.nan,
         "atropos/identical_score_rate": identical / len(multi) if multi else 0.0,
         "atropos/advantage_groups_fraction": with_advantages / len(groups) if groups else 0.0,
-        "atropos/zero_advantage_fraction": zeroed / len(scores) if scores else 0.0,
+        "atropos/set_advantage_to_zero_fraction": zeroed / len(scores) if scores else 0.0,
     }
+    sizes = [len(group.get("scores") or []) for group in groups]
+    if sizes:
+        metrics["atropos/group_size/min"], metrics["atropos/group_size/max"] = float(min(sizes)), float(max(sizes))
     if current_step is not None and groups:
         steps = [policy_step_of(group) for group in groups]
         known = [current_step - s for s in steps if s is not None]
@@ -310,6 +342,17 @@ def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int
             metrics["atropos/staleness/mean"] = float(np.mean(known))
             metrics["atropos/staleness/max"] = float(max(known))
     return metrics
+
+
+def _list_or_empty(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _numeric_scores(group: Any) -> list[float]:
+    values = group.get("scores") if isinstance(group, Mapping) else None
+    if not isinstance(values, list):
+        return []
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
 
 
 def policy_step_of(group: Mapping[str, Any]) -> int | None:
@@ -357,7 +400,11 @@ def _response_part(values: Any, key: str, group: Mapping[str, Any], g: int, i: i
             f"{_where(group, g, i)}: {key} must be a list of numbers, got {type(values).__name__}",
             group_index=g, sample_index=i, field=key,
         )
-    array = np.asarray(values, dtype=np.float32)
+    try:
+        with np.errstate(over="ignore"):  # beyond float32 becomes inf, rejected as non-finite
+            array = np.asarray(values, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        array = np.zeros((0, 0))
     if array.ndim != 1:
         raise TrajectoryFormatError(
             f"{_where(group, g, i)}: {key} must be a flat list of numbers", group_index=g, sample_index=i, field=key
@@ -373,7 +420,39 @@ def _response_part(values: Any, key: str, group: Mapping[str, Any], g: int, i: i
     )
 
 
-def _parse_group(group: Mapping[str, Any], g: int, limits: TrajectoryLimits) -> list[_Sample]:
+def _parse_group(group: Mapping[str, Any], g: int, limits: TrajectoryLimits,
+                 dropped: Counter[str] | None = None) -> list[_Sample]:
+    """The group's samples; raises on the first problem, or (a `dropped` counter given) isolates it."""
+    if dropped is None:
+        return _parse_group_strict(group, g, limits, None)
+    try:
+        return _parse_group_strict(group, g, limits, dropped)
+    except TrajectoryFormatError:  # the group's own shape: every row it counts for trains nothing
+        tokens = group.get("tokens") if isinstance(group, Mapping) else None
+        rows = len(tokens) if isinstance(tokens, list) else 0
+        dropped["group"] += rows
+        return [_placeholder(limits)] * rows
+
+
+def _placeholder(limits: TrajectoryLimits) -> _Sample:
+    """A row that trains nothing: one pad token of prompt and of response, outside response_mask."""
+    pad = limits.pad_token_id
+    return _Sample([pad], [pad], np.zeros(1, dtype=bool), 0.0, None, np.zeros(1, dtype=np.float32), dropped=True)
+
+
+def _optional(parse, dropped: Counter[str] | None, reason: str):
+    """parse(), or None counted under `reason` when it fails and problems are isolated."""
+    try:
+        return parse()
+    except TrajectoryFormatError:
+        if dropped is None:
+            raise
+        dropped[reason] += 1
+        return None
+
+
+def _parse_group_strict(group: Mapping[str, Any], g: int, limits: TrajectoryLimits,
+                        dropped: Counter[str] | None) -> list[_Sample]:
     if not isinstance(group, Mapping):
         raise TrajectoryFormatError(f"group {g}: expected a ScoredData object, got {type(group).__name__}", group_index=g)
     tokens, masks, scores = group.get("tokens"), group.get("masks"), group.get("scores")
@@ -387,59 +466,102 @@ def _parse_group(group: Mapping[str, Any], g: int, limits: TrajectoryLimits) -> 
             "per sequence",
             group_index=g, field="masks" if len(masks) != n else "scores",
         )
-    advantages = _per_sequence(group, "advantages", g, n)
-    logprobs = _per_sequence(group, "inference_logprobs", g, n)
-    overrides = _per_sequence(group, "overrides", g, n)
+    advantages = _optional(lambda: _per_sequence(group, "advantages", g, n), dropped, "advantages")
+    logprobs = _optional(lambda: _per_sequence(group, "inference_logprobs", g, n), dropped, "inference_logprobs")
+    overrides = _optional(lambda: _per_sequence(group, "overrides", g, n), dropped, "overrides")
     samples = []
     for i in range(n):
-        seq, mask = tokens[i], masks[i]
-        if not isinstance(seq, list) or not isinstance(mask, list) or len(seq) != len(mask):
-            raise TrajectoryFormatError(
-                f"{_where(group, g, i)}: tokens and masks must be lists of equal length "
-                f"(got {len(seq) if isinstance(seq, list) else type(seq).__name__} and "
-                f"{len(mask) if isinstance(mask, list) else type(mask).__name__})",
-                group_index=g, sample_index=i, field="masks",
-            )
-        score = scores[i]
-        if isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score):
-            raise TrajectoryFormatError(
-                f"{_where(group, g, i)}: score {score!r} is not a finite number", group_index=g, sample_index=i,
-                field="scores",
-            )
-        p = split_prompt_response(mask)
-        t = len(seq) - p
-        if p > limits.max_prompt_length or t > limits.max_response_length:
-            raise TrajectoryLengthError(
-                f"{_where(group, g, i)}: prompt of {p} tokens and response of {t} tokens exceed the limits "
-                f"max_prompt_length={limits.max_prompt_length}, max_response_length={limits.max_response_length}",
-                group_index=g, sample_index=i, field="tokens",
-            )
-        if t == 0:
-            raise TrajectoryFormatError(
-                f"{_where(group, g, i)}: no response (every one of its {p} mask values is -100)",
-                group_index=g, sample_index=i, field="masks",
-            )
-        trained_T = np.asarray(mask[p:]) != IGNORE_INDEX
+        try:
+            samples.append(_parse_sequence(group, g, i, limits, advantages, logprobs, overrides, dropped))
+        except TrajectoryFormatError as exc:
+            if dropped is None:
+                raise
+            dropped[_drop_reason(exc)] += 1
+            samples.append(_placeholder(limits))
+    return samples
+
+
+def _drop_reason(exc: TrajectoryFormatError) -> str:
+    if isinstance(exc, TrajectoryLengthError):
+        return "length"
+    if exc.field == "scores":
+        return "score"
+    return "no_response" if "no response" in str(exc) else "sequence"
+
+
+def _parse_sequence(group: Mapping[str, Any], g: int, i: int, limits: TrajectoryLimits, advantages, logprobs,
+                    overrides, dropped: Counter[str] | None) -> _Sample:
+    """Sequence i of group g; optional fields that fail are dropped (counted) when `dropped` is given."""
+    seq, mask, score = group["tokens"][i], group["masks"][i], group["scores"][i]
+    if not isinstance(seq, list) or not isinstance(mask, list) or len(seq) != len(mask):
+        raise TrajectoryFormatError(
+            f"{_where(group, g, i)}: tokens and masks must be lists of equal length "
+            f"(got {len(seq) if isinstance(seq, list) else type(seq).__name__} and "
+            f"{len(mask) if isinstance(mask, list) else type(mask).__name__})",
+            group_index=g, sample_index=i, field="masks",
+        )
+    try:  # an id out of range would only fail inside the model's embedding, on a worker
+        token_id_array(seq)
+    except ValueError as exc:
+        raise TrajectoryFormatError(f"{_where(group, g, i)}: tokens: {exc}", group_index=g, sample_index=i,
+                                    field="tokens") from None
+    if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= _FLOAT32_MAX:
+        raise TrajectoryFormatError(  # rm_scores is float32: beyond it is not finite either
+            f"{_where(group, g, i)}: score {score!r} is not a finite number", group_index=g, sample_index=i,
+            field="scores",
+        )
+    try:
+        mask_L = np.asarray(mask)
+    except (ValueError, TypeError, OverflowError):  # ragged nesting
+        mask_L = np.zeros((0, 0))
+    if mask_L.ndim != 1 or (mask_L.size and mask_L.dtype.kind not in "iu"):
+        raise TrajectoryFormatError(f"{_where(group, g, i)}: masks must hold ints", group_index=g, sample_index=i,
+                                    field="masks")
+    p = split_prompt_response(mask)
+    t = len(seq) - p
+    if p > limits.max_prompt_length or t > limits.max_response_length:
+        raise TrajectoryLengthError(
+            f"{_where(group, g, i)}: prompt of {p} tokens and response of {t} tokens exceed the limits "
+            f"max_prompt_length={limits.max_prompt_length}, max_response_length={limits.max_response_length}",
+            group_index=g, sample_index=i, field="tokens",
+        )
+    if t == 0:
+        raise TrajectoryFormatError(
+            f"{_where(group, g, i)}: no response (every one of its {p} mask values is -100)",
+            group_index=g, sample_index=i, field="masks",
+        )
+    trained_T = np.asarray(mask[p:]) != IGNORE_INDEX
+
+    def override_of() -> Mapping[str, Any] | None:
         override = overrides[i] if overrides is not None else None
         if override is not None and not isinstance(override, Mapping):
             raise TrajectoryFormatError(
                 f"{_where(group, g, i)}: overrides entries must be objects, got {type(override).__name__}",
                 group_index=g, sample_index=i, field="overrides",
             )
-        advantages_T = None
-        if override and override.get("set_advantage_to_zero"):
-            advantages_T = np.zeros(t, dtype=np.float32)
-        elif advantages is not None:
-            advantages_T = _response_part(advantages[i], "advantages", group, g, i, p, t)
-            if not np.isfinite(advantages_T[trained_T]).all():
-                raise TrajectoryFormatError(
-                    f"{_where(group, g, i)}: advantages hold non-finite values on trained tokens",
-                    group_index=g, sample_index=i, field="advantages",
-                )
-            advantages_T = np.where(trained_T, advantages_T, 0.0).astype(np.float32)
-        logprobs_T = None
-        if logprobs is not None:
-            logprobs_T = _response_part(logprobs[i], "inference_logprobs", group, g, i, p, t)
-            logprobs_T = np.where(trained_T, logprobs_T, 0.0).astype(np.float32)
-        samples.append(_Sample(list(seq[:p]), list(seq[p:]), trained_T, float(score), advantages_T, logprobs_T))
-    return samples
+        return override
+
+    def advantages_of() -> np.ndarray | None:
+        if advantages is None:
+            return None
+        values_T = _response_part(advantages[i], "advantages", group, g, i, p, t)
+        if not np.isfinite(values_T[trained_T]).all():
+            raise TrajectoryFormatError(
+                f"{_where(group, g, i)}: advantages hold non-finite values on trained tokens",
+                group_index=g, sample_index=i, field="advantages",
+            )
+        return np.where(trained_T, values_T, 0.0).astype(np.float32)
+
+    def logprobs_of() -> np.ndarray | None:
+        if logprobs is None:
+            return None
+        values_T = _response_part(logprobs[i], "inference_logprobs", group, g, i, p, t)
+        return np.where(trained_T, values_T, 0.0).astype(np.float32)
+
+    override = _optional(override_of, dropped, "overrides")
+    if override and override.get("set_advantage_to_zero"):
+        advantages_T = np.zeros(t, dtype=np.float32)
+    else:
+        advantages_T = _optional(advantages_of, dropped, "advantages")
+    logprobs_T = _optional(logprobs_of, dropped, "inference_logprobs")
+    return _Sample(list(seq[:p]), list(seq[p:]), trained_T, float(score), advantages_T, logprobs_T)

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from recipe.atropos import env_diagnostics
 from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient
 from recipe.atropos.trajectory import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
 from verl import DataProto
@@ -28,7 +29,29 @@ OVERRIDE_MASK = "atropos_advantage_override_mask"
 
 
 class TrajectoryBatchTimeout(TimeoutError):
-    """No full batch arrived from the trajectory API in time."""
+    """No full batch arrived from the trajectory API in time (the message says what the environments logged)."""
+
+
+class TrajectoryGroupSizeError(ValueError):
+    """Groups that run-api cannot pack into this trainer's batches, or a group GRPO cannot normalize."""
+
+
+def check_group_size(group_size: int, batch_size: int, env_id: object = None) -> None:
+    """run-api (``grab_exact_from_heterogeneous_queue``) builds a batch of exactly ``batch_size``
+    sequences from whole groups; a group size that does not divide it never makes a batch.
+
+    Any other size is trained: each group is its own GRPO group (normalized over its own samples),
+    whether or not it equals ``actor_rollout_ref.rollout.n``.
+    """
+    if group_size >= 1 and batch_size % group_size == 0:
+        return
+    divisors = [d for d in range(2, batch_size + 1) if batch_size % d == 0]
+    raise TrajectoryGroupSizeError(
+        f"environment env_id {env_id} sends groups of {group_size} sequences, but this trainer pulls batches of "
+        f"{batch_size} (data.train_batch_size x actor_rollout_ref.rollout.n) and run-api only builds a batch from "
+        f"whole groups whose sizes divide it: no batch could ever form. Set the environment's --env.group_size to "
+        f"one of {divisors}, or data.train_batch_size x rollout.n to a multiple of {group_size}."
+    )
 
 
 class TrajectoryRolloutManager:
@@ -43,7 +66,7 @@ class TrajectoryRolloutManager:
         total_steps: int,
         batch_timeout_s: float,
         poll_interval_s: float = 0.5,
-        progress_interval_s: float = 30.0,
+        progress_interval_s: float = 5.0,
     ):
         self.client = client
         self.config = config
@@ -84,7 +107,9 @@ class TrajectoryRolloutManager:
         start = time.perf_counter()
         groups = self._pull_batch(len(gen_batch))
         wait_s = time.perf_counter() - start
-        converted = scored_groups_to_batch(groups, self.limits)
+        # With fallback on, a sequence (or group) that cannot be trained costs its rows only; counted.
+        drop = bool((self.config.trainer.get("atropos") or {}).get("fallback_to_grpo", True))
+        converted = scored_groups_to_batch(groups, self.limits, drop_malformed=drop)
         tensors = {k: v for k, v in converted.tensors().items() if k not in ("token_level_scores", "token_level_advantages", "advantage_override_mask")}
         if converted.token_level_advantages_BT is not None:
             tensors[OVERRIDES] = converted.token_level_advantages_BT
@@ -100,13 +125,19 @@ class TrajectoryRolloutManager:
         except AtroposAPIError as exc:  # staleness is a metric: the batch is already pulled, keep it
             logger.warning("GET %s/status failed, staleness unknown this step: %s", self.client.api_url, exc)
             step = None
-        self.last_metrics = {**trajectory_metrics(groups, current_step=step), "atropos/wait_s": wait_s}
+        self.last_metrics = {**trajectory_metrics(groups, current_step=step), **converted.dropped_metrics(),
+                             "atropos/wait_s": wait_s}
         return output
 
     def _pull_batch(self, num_rows: int) -> list[dict]:
-        """One `/batch` answer of exactly `num_rows` sequences, waiting up to `batch_timeout_s`."""
-        deadline = time.monotonic() + self.batch_timeout_s
-        next_progress = time.monotonic() + self.progress_interval_s
+        """One `/batch` answer of exactly `num_rows` sequences, waiting up to `batch_timeout_s`.
+
+        Every `progress_interval_s` a line says what it waits for and what the environments and
+        run-api report; a group size run-api can never pack into `num_rows` stops the run at once.
+        """
+        start = time.monotonic()
+        deadline = start + self.batch_timeout_s
+        next_progress = start + self.progress_interval_s
         while True:
             groups, self._pending_groups = self._pending_groups or self.client.get_batch(), None
             if groups:
@@ -116,19 +147,47 @@ class TrajectoryRolloutManager:
                         f"the trajectory API sent a batch of {rows} sequences in {len(groups)} groups; this step needs "
                         f"{num_rows} (data.train_batch_size x actor_rollout_ref.rollout.n, as registered)"
                     )
+                _check_normalizable(groups)
                 return groups
             now = time.monotonic()
             if now >= deadline:
-                status = self.client.status()
-                raise TrajectoryBatchTimeout(
-                    f"no batch of {num_rows} sequences from {self.client.api_url} within {self.batch_timeout_s:.0f} s "
-                    f"({status.queue_size} groups queued). Are the environments running and able to reach the "
-                    "policy's inference endpoint? Raise trainer.atropos.batch_timeout_s for slow environments."
-                )
+                raise TrajectoryBatchTimeout(self._stuck_report(num_rows, now - start))
             if now >= next_progress:
-                logger.warning("waiting for a batch of %d sequences from %s ...", num_rows, self.client.api_url)
+                last = env_diagnostics.last_group_size(self.client.api_url)
+                if last is not None:
+                    check_group_size(last[0], num_rows, env_id=last[1])
+                logger.warning(
+                    "waiting for a batch of %d sequences from %s: %.0f s of %.0f s (trainer.atropos.batch_timeout_s); "
+                    "%s\n%s", num_rows, self.client.api_url, now - start, self.batch_timeout_s,
+                    env_diagnostics.run_api_report(self.client.api_url),
+                    env_diagnostics.environment_report(env_diagnostics.launcher_run_dir(), errors=1)
+                    or "  (environments not started by the launcher: their logs are not known here)",
+                )
                 next_progress = now + self.progress_interval_s
             time.sleep(self.poll_interval_s)
+
+    def _stuck_report(self, num_rows: int, waited_s: float) -> str:
+        environments = env_diagnostics.environment_report(env_diagnostics.launcher_run_dir(), errors=5)
+        return (
+            f"no batch of {num_rows} sequences from {self.client.api_url} within {waited_s:.0f} s "
+            f"(trainer.atropos.batch_timeout_s={self.batch_timeout_s:g}).\n"
+            f"{env_diagnostics.run_api_report(self.client.api_url)}\n"
+            + (f"environments:\n{environments}\n" if environments else
+               "The environments were not started by the launcher: look at their own logs.\n")
+            + "Raise trainer.atropos.batch_timeout_s only if the environments are healthy but slow."
+        )
+
+
+def _check_normalizable(groups: list[dict]) -> None:
+    """A group of one sequence without its own advantages is refused: GRPO normalizes a score against
+    the other samples of its group, and verl's estimator would train on the raw score instead."""
+    for g, group in enumerate(groups):
+        if len(group["tokens"]) == 1 and not group.get("advantages"):
+            raise TrajectoryGroupSizeError(
+                f"group {g} (env_id {group.get('env_id')}) has one sequence and no advantages: GRPO needs at least 2 "
+                "samples per group to normalize a score. Set the environment's --env.group_size >= 2, or send "
+                "token-level advantages with single-sequence groups."
+            )
 
 
 def group_uids(batch: DataProto) -> np.ndarray:
