@@ -331,7 +331,7 @@ def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int
         "atropos/advantage_groups_fraction": with_advantages / len(groups) if groups else 0.0,
         "atropos/set_advantage_to_zero_fraction": zeroed / len(scores) if scores else 0.0,
     }
-    sizes = [len(group.get("scores") or []) for group in groups]
+    sizes = [len(_list_or_empty(group.get("scores"))) for group in groups]
     if sizes:
         metrics["atropos/group_size/min"], metrics["atropos/group_size/max"] = float(min(sizes)), float(max(sizes))
     if current_step is not None and groups:

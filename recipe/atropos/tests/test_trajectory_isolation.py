@@ -90,7 +90,7 @@ def groups(draw):
     group = {
         "tokens": tokens,
         "masks": draw(st.one_of(st.just([[M] + t[1:] for t in tokens]), st.lists(st.one_of(lists, anything), max_size=4))),
-        "scores": draw(st.lists(numbers, min_size=n, max_size=n) | st.lists(anything, max_size=4)),
+        "scores": draw(st.lists(numbers, min_size=n, max_size=n) | st.lists(anything, max_size=4) | anything),
     }
     for key in ("advantages", "inference_logprobs", "overrides"):
         if draw(st.booleans()):
