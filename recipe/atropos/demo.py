@@ -1,6 +1,6 @@
 """`make demo`: GRPO with advantages from the GSM8K environment service, on a CPU, in a few minutes.
 
-    python -m recipe.atropos.demo [--check] [--out outputs/demo] [hydra overrides...]
+    python -m recipe.atropos.demo [--check] [--out outputs/demo] [--rollout hf|vllm] [hydra overrides...]
 
 1. Builds the offline assets once (tiny tokenizer, tiny Qwen2 warmed up for a few seconds,
    GSM8K-style arithmetic problems) under <out>/assets.
@@ -9,6 +9,9 @@
 3. Prints one line per step (reward, accuracy, whether the environment's advantages were used),
    then a summary with the per-step timing breakdown; writes verl's metrics to
    <out>/metrics.jsonl and the plot to <out>/reward.png.
+
+`--rollout vllm` (`make demo ROLLOUT=vllm`, from .venv-vllm) runs the same demo with verl's own vLLM
+rollout on vLLM's CPU build: config/cpu/vllm.yaml is added to the config (`+cpu=vllm`).
 
 Every process it starts is stopped at the end, on Ctrl-C too (the launcher's supervision).
 `--check` exits non-zero unless the mean reward of the last 5 steps beats that of the first 5.
@@ -29,6 +32,8 @@ from recipe.atropos.run_report import StepFollower, format_step, plot_reward, re
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CONFIG = REPO_ROOT / "recipe/atropos/config/gsm8k_grpo_cpu.yaml"
 DEFAULT_STEPS = 30  # trainer.total_training_steps in gsm8k_grpo_cpu.yaml
+# --rollout: the overrides that select it (hf is gsm8k_grpo_cpu.yaml's own).
+ROLLOUTS = {"hf": [], "vllm": ["+cpu=vllm"]}
 ASSET_SETTINGS = {"num_train": 512, "num_test": 64, "seed": 0, "pretrain_steps": 300}
 
 
@@ -54,7 +59,7 @@ def _total_steps(overrides: list[str]) -> int:
     return DEFAULT_STEPS
 
 
-def run(out: Path, overrides: list[str]) -> int:
+def run(out: Path, overrides: list[str], rollout: str = "hf") -> int:
     """Run the launcher, echoing each step as verl logs it; returns the launcher's exit code."""
     assets_dir = ensure_assets(out)
     metrics_path = out / "metrics.jsonl"
@@ -76,10 +81,13 @@ def run(out: Path, overrides: list[str]) -> int:
     command = [
         sys.executable, str(REPO_ROOT / "recipe/atropos/launch_atropos_verl_services.py"),
         "--config", str(CONFIG), "--run-dir", str(out / "launch"),
-        "+ray_kwargs.ray_init.include_dashboard=false", *overrides,
+        "+ray_kwargs.ray_init.include_dashboard=false",
+        # A new Ray of its own: without an address ray.init() joins the last cluster `ray start`
+        # recorded in /tmp/ray (another job's, on a shared machine).
+        "++ray_kwargs.ray_init.address=local", *ROLLOUTS[rollout], *overrides,
     ]
     total = _total_steps(overrides)
-    print(f"demo: {total} GRPO steps on CPU; service and trainer logs in {out / 'launch'}", flush=True)
+    print(f"demo: {total} GRPO steps on CPU, {rollout} rollout; service and trainer logs in {out / 'launch'}", flush=True)
     launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
     follower = StepFollower(metrics_path)
     try:
@@ -99,10 +107,12 @@ def run(out: Path, overrides: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs/demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--rollout", choices=sorted(ROLLOUTS), default="hf",
+                        help="hf: the recipe's Hugging Face rollout; vllm: verl's vLLM rollout (vLLM's CPU build, .venv-vllm)")
     parser.add_argument("--check", action="store_true", help="exit 3 unless the reward improved (last 5 steps vs first 5)")
     args, overrides = parser.parse_known_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    returncode = run(args.out, overrides)
+    returncode = run(args.out, overrides, args.rollout)
     metrics_path = args.out / "metrics.jsonl"
     steps = read_steps(metrics_path) if metrics_path.exists() else []
     if not steps:

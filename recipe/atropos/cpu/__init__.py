@@ -9,7 +9,8 @@ Importing it then, once per process:
 - sets torch to one intra-op thread (`threads.py`, `VERL_CPU_NUM_THREADS`);
 - registers verl's FSDP2 engines for device "cpu" (`engine.py`);
 - registers the "hf" rollout backend, Hugging Face `generate()` plus an OpenAI endpoint
-  (`rollout.py`, `hf_server.py`);
+  (`rollout.py`, `hf_server.py`), and points verl's "vllm" backend at its CPU variant
+  (`vllm_rollout.py`: verl's own vLLM replica and server, for vLLM's CPU build);
 - applies the patches verl has no seam for (`patches.py`).
 
 Without `VERL_PLATFORM=cpu` it only registers the platform and changes nothing else. The settings a
@@ -37,12 +38,13 @@ def activate() -> bool:
         return False
     from recipe.atropos.cpu.engine import register_cpu_engines
     from recipe.atropos.cpu.patches import apply_patches
-    from recipe.atropos.cpu.rollout import register_hf_rollout
+    from recipe.atropos.cpu.rollout import register_cpu_vllm_rollout, register_hf_rollout
     from recipe.atropos.cpu.threads import set_torch_threads
 
     set_torch_threads()
     register_cpu_engines()
     register_hf_rollout()
+    register_cpu_vllm_rollout()
     apply_patches()
     return True
 

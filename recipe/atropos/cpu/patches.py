@@ -82,6 +82,32 @@ PATCHES: tuple[Patch, ...] = (
 )
 
 
+def _keep_linear_weights(original: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(original)
+    def dispatch_cpu_unquantized_gemm(layer: Any, remove_weight: bool) -> None:
+        original(layer, remove_weight=False)
+
+    return dispatch_cpu_unquantized_gemm
+
+
+# Applied only in vLLM's worker processes (by cpu/vllm_rollout.py's worker extension), where vLLM is
+# loaded anyway; nothing else in CPU mode imports vLLM.
+VLLM_WORKER_PATCHES: tuple[Patch, ...] = (
+    Patch(
+        module="vllm.model_executor.layers.utils",
+        attribute="dispatch_cpu_unquantized_gemm",
+        build=_keep_linear_weights,
+        missing_seam=(
+            "vLLM's CPU linear layers (UnquantizedLinearMethod.process_weights_after_loading) pack each "
+            "weight for oneDNN and replace layer.weight with an empty tensor, so verl's weight sync "
+            "(model.load_weights) fails: 'Attempted to load weight (torch.Size([64, 64])) into parameter "
+            "(torch.Size([0]))'. Neither vLLM nor verl has a switch to keep reloadable weights; kept, verl's "
+            "process_weights_after_loading after every sync packs the new weights again."
+        ),
+    ),
+)
+
+
 def _verl_modules_binding(obj: Any) -> list[tuple[ModuleType, str]]:
     """Every loaded verl module attribute bound to `obj` (catches `from X import name` done earlier)."""
     bound = []
@@ -98,11 +124,11 @@ def _verl_modules_binding(obj: Any) -> list[tuple[ModuleType, str]]:
 _applied: dict[tuple[str, str], Any] = {}
 
 
-def apply_patches() -> dict[tuple[str, str], Any]:
-    """Apply every patch once in this process; return {(module, attribute): original}."""
+def apply_patches(patches: tuple[Patch, ...] = PATCHES) -> dict[tuple[str, str], Any]:
+    """Apply every patch once in this process; return {(module, attribute): original} of all applied."""
     import importlib
 
-    for patch in PATCHES:
+    for patch in patches:
         key = (patch.module, patch.attribute)
         if key in _applied:
             continue

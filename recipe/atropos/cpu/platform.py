@@ -9,12 +9,17 @@ train on CPU). What it answers:
 - Ray resource "GPU": verl's resource pools and `_check_resource_available` count "GPU" (or "NPU")
   slots only, so a CPU run declares logical GPUs to Ray (`ray_init.num_gpus`), one per worker. Ray
   sets `CUDA_VISIBLE_DEVICES` for them, which a CPU build of torch ignores;
-- no IPC, no profiler, no CUDA runtime.
+- no IPC, no profiler, no CUDA runtime: verl's vLLM rollout then sends weights to vLLM through
+  shared memory (`ServerAdapter.use_shm = not is_support_ipc()`);
+- vLLM's CPU settings for the rollout servers verl starts (`rollout_env_vars`, which verl passes to
+  each vLLM server actor's environment): a KV-cache size (vLLM's default fraction of memory fails on
+  these machines) and one OpenMP thread per engine, unbound (see `VLLM_CPU_ENV`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from types import ModuleType
 from typing import Any
@@ -24,6 +29,17 @@ import torch
 from verl.plugin.platform.platform_base import PlatformBase
 
 PLATFORM_NAME = "cpu"
+
+# vLLM CPU settings for verl's vLLM rollout servers; a value already in the environment wins.
+# - VLLM_CPU_KVCACHE_SPACE (GiB): vLLM on CPU sizes its KV cache from this, not from
+#   rollout.gpu_memory_utilization; 1 GiB holds thousands of tiny-model sequences.
+# - VLLM_CPU_OMP_THREADS_BIND=nobind, VLLM_CPU_NUM_OF_RESERVED_CPU=0: the engine shares a few cores
+#   with the trainer's workers; pinning its threads to them starves the workers.
+VLLM_CPU_ENV = {
+    "VLLM_CPU_KVCACHE_SPACE": "1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+}
 
 
 class PlatformCPU(PlatformBase):
@@ -103,6 +119,9 @@ class PlatformCPU(PlatformBase):
 
     def is_ipc_supported(self) -> bool:
         return False
+
+    def rollout_env_vars(self) -> dict[str, str]:
+        return {name: os.environ.get(name, default) for name, default in VLLM_CPU_ENV.items()}
 
     def cudart(self) -> None:
         return None

@@ -12,6 +12,9 @@ verl picks a rollout backend by `actor_rollout_ref.rollout.name` (mode "async") 
   `LLMServerManager.get_addresses()` lists and logs).
 
 The HF rollout does not shard a model: one server per worker (tensor/data/pipeline parallel size 1).
+
+`register_cpu_vllm_rollout` points verl's "vllm" replica entry at `cpu/vllm_rollout.py` (verl's own
+vLLM replica and server, with the one CPU gap filled), loaded only when a run asks for it.
 """
 
 from __future__ import annotations
@@ -136,3 +139,20 @@ def register_hf_rollout() -> None:
 
     register_worker_rollout(ROLLOUT_NAME, ADAPTER_PATH)
     RolloutReplicaRegistry.register(ROLLOUT_NAME, _load_replica_class)
+
+
+VLLM_ROLLOUT_NAME = "vllm"
+
+
+def _load_cpu_vllm_replica() -> type:
+    from recipe.atropos.cpu.vllm_rollout import CPUvLLMReplica
+
+    return CPUvLLMReplica
+
+
+def register_cpu_vllm_rollout() -> None:
+    """`rollout.name=vllm` in CPU mode: verl's vLLM replica with the CPU worker extension
+    (cpu/vllm_rollout.py). The worker side stays verl's `ServerAdapter`."""
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register(VLLM_ROLLOUT_NAME, _load_cpu_vllm_replica)
