@@ -132,6 +132,11 @@ class AtroposEnvironmentConfig:
     restart_backoff_s: float = 2.0
     restart_backoff_max_s: float = 60.0
     stable_after_s: float = 300.0
+    # Working directory of this environment (relative: to launcher.workdir); null: launcher.workdir.
+    workdir: str | None = None
+    # Start `python FILE ...` / `python -m MODULE ...` through recipe.atropos.environments.run_env,
+    # which lets atroposlib 0.4.0 run under transformers 5 (see atroposlib_compat.py).
+    atroposlib_compat: bool = True
 
 
 @dataclass(frozen=True)

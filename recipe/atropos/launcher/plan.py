@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from recipe.atropos.env_diagnostics import RUN_DIR_ENV
 from recipe.atropos.launcher.config import LauncherConfig, LauncherConfigError, override_key
 
 __all__ = ["LaunchPlan", "PolicyEndpoint", "Registration", "ServiceSpec", "build_plan", "format_plan", "REPO_ROOT"]
@@ -42,6 +43,7 @@ class ServiceSpec:
     health_url: str | None = None
     start_timeout_s: float = 0.0
     config_key: str = ""  # where it is configured, for error messages
+    cwd: str | None = None  # working directory; None: the plan's workdir
 
     @property
     def base_url(self) -> str | None:
@@ -219,8 +221,10 @@ def _trajectory_plan(
         trajectory_api_url = given[-1].split("=", 1)[1].strip("'\"")
     elif key:
         trainer_argv.append(f"{key}={trajectory_api_url}")
+    # The run folder: a trainer waiting for batches reports what the environments logged there.
+    trainer_env = {RUN_DIR_ENV: str(run_dir), **trainer_cfg.env}
     trainer = ServiceSpec(
-        name="trainer", role="trainer", argv=tuple(trainer_argv), env=dict(trainer_cfg.env), config_key="launcher.trainer"
+        name="trainer", role="trainer", argv=tuple(trainer_argv), env=trainer_env, config_key="launcher.trainer"
     )
 
     policy = _policy_endpoint(cfg)
@@ -235,13 +239,21 @@ def _trajectory_plan(
             "model": policy.model,
             "tokenizer": policy.tokenizer,
         }
+        argv = _expand(env_cfg.command, values)
+        cwd = (workdir / _fill(env_cfg.workdir, values)).resolve() if env_cfg.workdir else None
+        if cwd is not None and not cwd.is_dir():
+            raise LauncherConfigError(
+                f"launcher.environments[{index}].workdir={env_cfg.workdir!r}: {cwd} is not a folder "
+                f"(a relative workdir is taken from launcher.workdir, here {workdir})"
+            )
         environments.append(
             ServiceSpec(
                 name=f"env-{env_cfg.name}",
                 role="atropos_env",
-                argv=_expand(env_cfg.command, values),
+                argv=with_atroposlib_compat(argv) if env_cfg.atroposlib_compat else argv,
                 env={k: _fill(v, values) for k, v in env_cfg.env.items()},
                 config_key=f"launcher.environments[{index}]",
+                cwd=str(cwd) if cwd is not None else None,
             )
         )
     if not environments:
@@ -361,6 +373,19 @@ def _inference_services(
     return tuple(workers), tuple(registrations)
 
 
+ENV_RUNNER = "recipe.atropos.environments.run_env"
+
+
+def with_atroposlib_compat(argv: tuple[str, ...]) -> tuple[str, ...]:
+    """``python FILE.py ARGS`` / ``python -m MODULE ARGS`` run through :data:`ENV_RUNNER` (atroposlib 0.4.0
+    under transformers 5, environments/atroposlib_compat.py); any other command is left as written."""
+    if len(argv) < 2 or argv[0] != sys.executable or argv[1:3] == ("-m", ENV_RUNNER):
+        return argv
+    if argv[1] == "-m" or argv[1].endswith(".py"):
+        return (argv[0], "-m", ENV_RUNNER, *argv[1:])
+    return argv
+
+
 def _expand(words: Sequence[str], values: Mapping[str, str]) -> tuple[str, ...]:
     """Fill ``{name}`` placeholders (known names only: other braces, e.g. JSON, stay as written)."""
     pattern = re.compile(r"\{(" + "|".join(map(re.escape, values)) + r")\}")
@@ -431,6 +456,8 @@ def format_plan(plan: LaunchPlan) -> str:
         step += 1
         lines.append(f"{step}. start {spec.name} ({what})")
         lines.append(f"   command: {shlex.join(spec.argv)}")
+        if spec.cwd:
+            lines.append(f"   cwd:     {spec.cwd}")
         if spec.env:
             shown = {k: ("***" if _SECRET_NAME.search(k) else v) for k, v in sorted(spec.env.items())}
             lines.append("   env:     " + " ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()))

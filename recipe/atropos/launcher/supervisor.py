@@ -22,6 +22,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 from recipe.atropos.launcher.console import LogEcho
@@ -179,6 +180,18 @@ class Launcher:
                 f"{proc.log_path}:\n{proc.tail()}"
             )
 
+    def _report_environments(self, trainer: ManagedProcess) -> None:
+        """After a failed trajectory run: the trainer's error and what each environment logged."""
+        from recipe.atropos.env_diagnostics import environment_report, error_lines
+
+        trainer_errors = error_lines(trainer.log_path, limit=3)
+        logger.error(
+            "the trainer's last error lines (%s):\n%s\nenvironments:\n%s",
+            trainer.log_path,
+            "\n".join(f"  {line}" for line in trainer_errors) or "  (none)",
+            environment_report(self.plan.run_dir, errors=5) or "  (none started)",
+        )
+
     # ---- evaluate mode --------------------------------------------------------------------
 
     def _start_environment(self) -> None:
@@ -245,6 +258,8 @@ class Launcher:
             if code is not None:
                 self._write_state()
                 logger.info("trainer exited with code %s: ending the run", code)
+                if code != 0 and self.plan.mode == "trajectory":
+                    self._report_environments(trainer)
                 return _shell_exit_code(code)
             for worker in workers:
                 worker_code = worker.poll()
@@ -274,7 +289,7 @@ class Launcher:
 
     def _start(self, spec: ServiceSpec) -> ManagedProcess:
         log_path = self.plan.run_dir / f"{spec.name}.log"
-        proc = ManagedProcess(spec, log_path, self.plan.child_env(spec), self.plan.workdir)
+        proc = ManagedProcess(spec, log_path, self.plan.child_env(spec), Path(spec.cwd) if spec.cwd else self.plan.workdir)
         self.processes[spec.name] = proc
         with self._critical_section():
             proc.start()

@@ -263,7 +263,10 @@ def test_metrics_of_a_batch():
     assert math.isclose(metrics["atropos/mean_score"], 3.5 / 5)
     assert metrics["atropos/identical_score_rate"] == 0.5  # the singleton group does not count
     assert math.isclose(metrics["atropos/advantage_groups_fraction"], 1 / 3)
-    assert metrics["atropos/zero_advantage_fraction"] == 0.2
+    # One sequence of five asked for set_advantage_to_zero; the old name read as "advantages that are 0".
+    assert metrics["atropos/set_advantage_to_zero_fraction"] == 0.2
+    assert "atropos/zero_advantage_fraction" not in metrics
+    assert metrics["atropos/group_size/min"] == 1 and metrics["atropos/group_size/max"] == 2
     assert metrics["atropos/staleness/mean"] == 2.0 and metrics["atropos/staleness/max"] == 3.0
     assert math.isclose(metrics["atropos/staleness/known_fraction"], 2 / 3)
     assert "atropos/staleness/mean" not in trajectory_metrics(groups)
