@@ -12,6 +12,12 @@ Prints, in one run:
    same run: stdlib json both ways and pydantic ``list[list[int]]``/``list[list[float]]`` models
    on both sides, scoring with the same environment.
 
+3. A slow neighbour (``--section stall``): the latency of a one-sample request (its answer needs
+   math-verify) alone, and while a 16-sample request of answers that stall math-verify
+   (``\\boxed{k^{k^{k^{k^{k}}}}}``) is being scored, with their ratio; and how long that slow
+   request took. Before scoring had a budget per request and ran requests one at a time, the small
+   request waited for the whole slow one (about 30 s).
+
 Every server is a separate process on a free 127.0.0.1 port; client and servers share this
 machine's cores, as a trainer and an environment service on one node do.
 """
@@ -209,14 +215,71 @@ def bench_scoring(batch: dict[str, Any]) -> dict[str, float]:
 
     environment = GSM8KEnvironment()
     environment.setup()
-    request = parse_evaluation_request({k: batch[k] for k in ("prompts", "responses", "group_ids", "ground_truths")})
-    start = time.perf_counter()
-    scored = environment.score(request)  # cold: nothing cached but math-verify's imports
-    cold = time.perf_counter() - start
-    start = time.perf_counter()
-    environment.score(request)
-    warm = time.perf_counter() - start
+    try:
+        request = parse_evaluation_request({k: batch[k] for k in ("prompts", "responses", "group_ids", "ground_truths")})
+        start = time.perf_counter()
+        scored = environment.score(request)  # cold: nothing cached but math-verify's imports
+        cold = time.perf_counter() - start
+        start = time.perf_counter()
+        environment.score(request)
+        warm = time.perf_counter() - start
+    finally:
+        getattr(environment, "close", lambda: None)()  # its math-verify worker processes
     return {"cold_s": cold, "warm_s": warm, "accuracy": float(scored.scores_B.mean())}
+
+
+def _tower(base: int) -> str:
+    return "\\boxed{%d^{%d^{%d^{%d^{%d}}}}}" % ((base,) * 5)
+
+
+def bench_slow_neighbour(repeats: int) -> dict[str, float]:
+    """Small-request latency alone and beside a pathological request (see the module docstring)."""
+    import threading
+
+    import requests
+
+    from recipe.atropos.tests.servers import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
+
+    port = find_free_loopback_port()
+    argv = [sys.executable, "-m", "recipe.atropos.environments.gsm8k_server", "serve", "--slurm", "false"]
+    argv += ["--host", LOOPBACK_HOST, "--port", str(port), "--log-level", "warning"]
+    serial = iter(range(2, 10_000))
+
+    def post(session: Any, url: str, body: dict[str, Any]) -> float:
+        start = time.perf_counter()
+        answer = session.post(url + EVALUATE, data=wire.encode(body), headers={"Content-Type": wire.JSON}, timeout=600)
+        answer.raise_for_status()
+        return time.perf_counter() - start
+
+    def small() -> dict[str, Any]:  # a new answer each time: never a cached verdict
+        n = next(serial)
+        return {"prompts": ["q"], "responses": [f"\\boxed{{\\frac{{{2 * n}}}{{{n}}}}}"], "ground_truths": ["2"]}
+
+    alone, beside, slow_s = [], [], []
+    with ServerProcess(argv, port=port, env=dict(os.environ, HF_HUB_OFFLINE="1")).start(120) as service, requests.Session() as session:
+        post(session, service.url, small())  # warm-up
+        alone = [post(session, service.url, small()) for _ in range(repeats)]
+        for repeat in range(repeats):
+            towers = [_tower(3 + 16 * repeat + k) for k in range(16)]  # new towers: nothing cached
+            slow = {"prompts": ["p"] * 16, "responses": towers, "ground_truths": ["1000"] * 16}
+            done: dict[str, float] = {}
+            thread = threading.Thread(target=lambda b=slow: done.setdefault("s", post(requests, service.url, b)))
+            thread.start()
+            while requests.get(service.url + "/health", timeout=10).json()["pending"] < 1:
+                time.sleep(0.01)
+            time.sleep(0.3)  # the slow request is being scored now
+            beside.append(post(session, service.url, small()))
+            thread.join()
+            slow_s.append(done["s"])
+    return {"alone_s": statistics.median(alone), "beside_s": statistics.median(beside), "slow_s": statistics.median(slow_s)}
+
+
+def print_slow_neighbour(repeats: int) -> None:
+    result = bench_slow_neighbour(repeats)
+    print("\n## a one-sample request beside a 16-sample request that stalls math-verify")
+    print(f"one-sample request alone:         {result['alone_s'] * 1e3:9.1f} ms (median of {repeats})")
+    print(f"beside the slow request:          {result['beside_s'] * 1e3:9.1f} ms   {result['beside_s'] / result['alone_s']:7.1f} x alone")
+    print(f"the slow request itself:          {result['slow_s'] * 1e3:9.1f} ms")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -225,10 +288,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=2048, help="response tokens per sample (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed round trips per path (default: %(default)s)")
     parser.add_argument("--baseline-repeats", type=int, default=3, help="timed baseline round trips (default: %(default)s)")
+    parser.add_argument(
+        "--section", choices=["all", "throughput", "stall"], default="all", help="what to measure (default: %(default)s)"
+    )
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.naive_server:
         run_naive_server(args.naive_server)
+        return 0
+    if args.section == "stall":
+        print(f"# environment service benchmark: slow neighbour, {os.cpu_count()} CPUs")
+        print_slow_neighbour(args.repeats)
         return 0
 
     import requests
@@ -295,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n## targets")
     print(f"scoring >= 1000 responses/s: {throughput:.0f}/s -> {'met' if throughput >= 1000 else 'MISSED'}")
     print(f"round trip <= 0.1 x baseline: {fastest / baseline_s:.3f} x -> {'met' if fastest <= 0.1 * baseline_s else 'MISSED'}")
+    if args.section == "all":
+        print_slow_neighbour(args.repeats)
     return 0
 
 

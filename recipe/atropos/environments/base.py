@@ -152,12 +152,16 @@ class Environment(abc.ABC):
     """One environment: judges responses, computes their advantages, reports metrics.
 
     Subclasses set :attr:`name` and :attr:`Config` and implement :meth:`score` and
-    :meth:`compute_advantages`. An instance may be called from any one thread at a time (the
-    service runs evaluations one after another), so caches need no locks.
+    :meth:`compute_advantages`. The service runs up to :attr:`max_concurrent_evaluations`
+    evaluations at once, each on its own thread: with the default of 1 they run one after another
+    (on the main thread under ``serve``) and caches need no locks.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[EnvConfig]] = EnvConfig
+    # More than 1 only for environments whose evaluate() is thread-safe (an unrelated request then
+    # need not wait behind a slow one).
+    max_concurrent_evaluations: ClassVar[int] = 1
 
     def __init__(self, config: EnvConfig | None = None) -> None:
         self.config = config if config is not None else self.Config()
@@ -168,6 +172,9 @@ class Environment(abc.ABC):
     def setup(self) -> None:
         """Load what evaluation needs (tokenizers, data, warm caches). The service answers 503 until it returns."""
 
+    def close(self) -> None:
+        """Release what :meth:`setup` started (worker processes, connections); called at shutdown."""
+
     def describe(self) -> dict[str, Any]:
         """What ``/health`` shows about this environment (its options by default)."""
         return {"config": self.config.model_dump(mode="json")}
@@ -177,6 +184,12 @@ class Environment(abc.ABC):
         self.inference_endpoint = endpoint
 
     # ---- evaluation ---------------------------------------------------------------------
+
+    def required_request_fields(self) -> frozenset[str]:
+        """Optional request fields this environment needs, non-null for every sample
+        (``ground_truths``, ``response_token_ids``): the service's OpenAPI schema marks them
+        required, so schema-driven clients send them. :meth:`check_request` still enforces them."""
+        return frozenset()
 
     def check_request(self, request: EvaluationRequest) -> None:
         """Raise :class:`ContractError` (HTTP 422) for requests this environment cannot judge."""

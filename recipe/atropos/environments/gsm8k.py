@@ -34,6 +34,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
+from recipe.atropos.environments.math_judge import JudgePool, Verdict, default_workers, parse_boxed, verify_parsed
 from recipe.atropos.environments.base import (
     ContractError,
     EnvConfig,
@@ -145,13 +146,16 @@ class AnswerMatcher:
     """Decides whether an answer equals a reference: exact numbers first, math-verify otherwise.
 
     Caches the parsed references and the math-verify verdicts (LRU), since a batch holds many
-    responses to the same problem and policies repeat their answers.
+    responses to the same problem and policies repeat their answers. Thread-safe. :meth:`matches`
+    runs math-verify in this process; :meth:`quick_verdict` and :meth:`remember` let a caller run
+    it elsewhere (the GSM8K service uses a :class:`~recipe.atropos.environments.math_judge.JudgePool`).
     """
 
     def __init__(self, timeout_s: int = 2, max_answer_chars: int = 256, cache_size: int = 65536) -> None:
         self.timeout_s = int(timeout_s)
         self.max_answer_chars = int(max_answer_chars)
         self._cache_size = cache_size
+        self._lock = threading.Lock()
         self._references: OrderedDict[str, tuple[Decimal | None, Any]] = OrderedDict()
         self._verdicts: OrderedDict[tuple[str, str], bool] = OrderedDict()
 
@@ -159,64 +163,53 @@ class AnswerMatcher:
         return self.timeout_s if threading.current_thread() is threading.main_thread() else None
 
     def _reference(self, reference: str) -> tuple[Decimal | None, Any]:
-        cached = self._references.get(reference)
-        if cached is None:
-            cached = (plain_number(reference), None)
-            self._remember(self._references, reference, cached)
-        else:
-            self._references.move_to_end(reference)
+        with self._lock:
+            cached = self._references.get(reference)
+            if cached is not None:
+                self._references.move_to_end(reference)
+                return cached
+        cached = (plain_number(reference), None)
+        self._remember(self._references, reference, cached)
         return cached
 
     def _parsed_reference(self, reference: str) -> Any:
         number, parsed = self._reference(reference)
         if parsed is None:
-            parsed = _math_verify_parse(reference, self._timeout())
+            parsed = parse_boxed(reference, self._timeout())
             self._remember(self._references, reference, (number, parsed))
         return parsed
 
     def _remember(self, cache: OrderedDict, key: Any, value: Any) -> None:
-        cache[key] = value
-        if len(cache) > self._cache_size:
-            cache.popitem(last=False)
+        with self._lock:
+            cache[key] = value
+            if len(cache) > self._cache_size:
+                cache.popitem(last=False)
 
-    def matches(self, answer: str, reference: str) -> bool:
-        """True when ``answer`` equals ``reference`` (both longer than ``max_answer_chars``: False)."""
+    def quick_verdict(self, answer: str, reference: str) -> bool | None:
+        """The verdict when math-verify is not needed (too long, plain numbers, or cached); else None."""
         if len(answer) > self.max_answer_chars or len(reference) > self.max_answer_chars:
             return False
         reference_number, _ = self._reference(reference)
         answer_number = plain_number(answer)
         if reference_number is not None and answer_number is not None:
             return answer_number == reference_number
-        key = (answer, reference)
-        verdict = self._verdicts.get(key)
+        with self._lock:
+            return self._verdicts.get((answer, reference))
+
+    def remember(self, answer: str, reference: str, verdict: bool) -> None:
+        """Caches a math-verify verdict reached elsewhere."""
+        self._remember(self._verdicts, (answer, reference), verdict)
+
+    def matches(self, answer: str, reference: str) -> bool:
+        """True when ``answer`` equals ``reference`` (both longer than ``max_answer_chars``: False)."""
+        verdict = self.quick_verdict(answer, reference)
         if verdict is None:
             timeout = self._timeout()
             if timeout is None and _RISKY_FOR_UNTIMED.search(answer):
                 return False  # not cached: the main thread may judge it later, with a timeout
-            verdict = _math_verify_equal(self._parsed_reference(reference), answer, timeout)
-            self._remember(self._verdicts, key, verdict)
+            verdict = verify_parsed(self._parsed_reference(reference), answer, timeout)
+            self.remember(answer, reference, verdict)
         return verdict
-
-
-def _math_verify_parse(text: str, timeout: int | None) -> Any:
-    from math_verify import parse
-
-    try:
-        return parse("\\boxed{" + text + "}", parsing_timeout=timeout)
-    except Exception:  # math-verify and sympy raise many types on odd input; odd input is wrong
-        return []
-
-
-def _math_verify_equal(reference_parsed: Any, answer: str, timeout: int | None) -> bool:
-    from math_verify import verify
-
-    answer_parsed = _math_verify_parse(answer, timeout)
-    if not reference_parsed or not answer_parsed:
-        return False
-    try:
-        return bool(verify(reference_parsed, answer_parsed, timeout_seconds=timeout))
-    except Exception:
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +438,19 @@ class GSM8KConfig(EnvConfig):
         None, description="tokenizer (local dir or HF name) whose ids requests send; required for process mode"
     )
     math_verify_timeout_s: int = Field(
-        2, ge=1, description="seconds allowed per math-verify parse/compare (answers that are not plain numbers)"
+        2,
+        ge=1,
+        description="seconds allowed to judge one answer that is not a plain number (math-verify, in a worker "
+        "process killed at the deadline); such an answer scores 0",
+    )
+    math_verify_budget_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds of math-verify judging allowed per request; answers not judged by then score 0 "
+        "(counted in the answer's metrics and in /health)",
+    )
+    math_verify_workers: int = Field(
+        0, ge=0, description="math-verify worker processes; 0: one per CPU core plus one (at most 8)"
     )
     max_answer_chars: int = Field(256, ge=1, description="longer final answers are judged wrong without parsing")
 
@@ -462,26 +467,42 @@ class GSM8KEnvironment(Environment):
     name = "gsm8k"
     Config = GSM8KConfig
     config: GSM8KConfig
+    # Thread-safe (locked caches, tokenizers' Rust decoder); math-verify runs in the judge pool.
+    max_concurrent_evaluations = 4
 
     def __init__(self, config: GSM8KConfig | None = None) -> None:
         super().__init__(config)
         self.matcher = AnswerMatcher(self.config.math_verify_timeout_s, self.config.max_answer_chars)
         self.tokenizer: Any = None
         self._vocab_size = 0
+        self.judges: JudgePool | None = None  # set by setup(); without it math-verify runs in process
 
     def setup(self) -> None:
         if self.config.tokenizer_name:
             self.tokenizer = load_tokenizer(self.config.tokenizer_name)
             backend = self.tokenizer.backend_tokenizer
             self._vocab_size = backend.get_vocab_size(with_added_tokens=True)
-        # First use of math-verify imports sympy's parsers (about a second): pay it before serving.
-        self.matcher.matches("\\frac{1}{2}", "0.5")
+        # One worker more than the cores: a request may keep all but one busy, so another request
+        # always finds a free worker instead of waiting for a slow answer's deadline.
+        workers = self.config.math_verify_workers or min(default_workers() + 1, 8)
+        self.judges = JudgePool(workers, self.config.math_verify_timeout_s)
+        self.judges.warm_up()  # the workers import sympy's parsers (about a second): before serving
+
+    def close(self) -> None:
+        judges, self.judges = self.judges, None
+        if judges is not None:
+            judges.close()
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
         if self.tokenizer is not None:
             info["tokenizer_vocab_size"] = self._vocab_size
+        if self.judges is not None:
+            info["math_verify"] = self.judges.describe()
         return info
+
+    def required_request_fields(self) -> frozenset[str]:
+        return frozenset({"ground_truths", "response_token_ids"} if self.config.supervision == "process" else {"ground_truths"})
 
     def check_request(self, request: EvaluationRequest) -> None:
         for index, ground_truth in enumerate(request.ground_truths):
@@ -508,17 +529,36 @@ class GSM8KEnvironment(Environment):
                 )
 
     def score(self, request: EvaluationRequest) -> ScoredBatch:
-        scores_B = np.zeros(request.batch_size, dtype=np.float64)
-        infos: list[dict[str, Any]] = []
-        for index, (response, ground_truth) in enumerate(zip(request.responses, request.ground_truths)):
-            answer = extract_answer(response)
-            correct = answer is not None and self.matcher.matches(answer, reference_answer(ground_truth or ""))
-            scores_B[index] = 1.0 if correct else 0.0
-            infos.append({"answer": answer, "correct": correct})
+        verdicts = self._judge([extract_answer(r) for r in request.responses], request.ground_truths)
+        scores_B = np.array([1.0 if verdict.correct else 0.0 for _, verdict in verdicts], dtype=np.float64)
+        infos = [{"answer": answer, "correct": verdict.correct, "verdict": verdict} for answer, verdict in verdicts]
         if self.config.supervision == "process":
             for info, ids, score in zip(infos, request.response_token_ids or [], scores_B):
                 info.update(self._process_steps(ids, float(score)))
         return ScoredBatch(scores_B, infos)
+
+    def _judge(self, answers: list[str | None], ground_truths: list[str | None]) -> list[tuple[str | None, Verdict]]:
+        """(answer, verdict) per sample: exact numbers and cached verdicts here, the rest by
+        math-verify in the judge pool within the request's budget (each distinct pair once)."""
+        verdicts: list[Verdict | None] = []
+        waiting: dict[tuple[str, str], list[int]] = {}
+        for index, (answer, ground_truth) in enumerate(zip(answers, ground_truths)):
+            reference = reference_answer(ground_truth or "")
+            quick = False if answer is None else self.matcher.quick_verdict(answer, reference)
+            verdicts.append(None if quick is None else (Verdict.CORRECT if quick else Verdict.WRONG))
+            if quick is None:
+                waiting.setdefault((answer, reference), []).append(index)
+        pairs = list(waiting)
+        if self.judges is None:  # not set up (in-process use): judge here, as atroposlib's env does
+            judged = [Verdict.CORRECT if self.matcher.matches(*pair) else Verdict.WRONG for pair in pairs]
+        else:
+            judged = self.judges.judge_all(pairs, self.config.math_verify_budget_s)
+        for pair, verdict in zip(pairs, judged):
+            if verdict is not Verdict.OVER_BUDGET:  # a timed-out answer stays wrong: never pay for it twice
+                self.matcher.remember(*pair, verdict.correct)
+            for index in waiting[pair]:
+                verdicts[index] = verdict
+        return list(zip(answers, verdicts))
 
     def _process_steps(self, token_ids: np.ndarray, outcome: float) -> dict[str, Any]:
         """Step rewards and step end token indices of one response (see the module docstring)."""
@@ -569,12 +609,17 @@ class GSM8KEnvironment(Environment):
         return advantages
 
     def metrics(self, request: EvaluationRequest, scored: ScoredBatch) -> dict[str, float]:
-        """Adds ``accuracy`` (fraction correct), ``answer_found_rate``; in process mode
-        ``steps_per_response`` and ``wrong_step_rate`` (fraction of steps whose arithmetic is wrong)."""
+        """Adds ``accuracy`` (fraction correct), ``answer_found_rate``, ``math_verify_timeouts`` and
+        ``math_verify_over_budget`` (samples scored 0 because judging their answer passed
+        ``math_verify_timeout_s``, or the request's ``math_verify_budget_s`` ran out first); in
+        process mode ``steps_per_response`` and ``wrong_step_rate`` (fraction of steps whose
+        arithmetic is wrong)."""
         metrics = super().metrics(request, scored)
         batch_size = max(request.batch_size, 1)
         metrics["accuracy"] = sum(info["correct"] for info in scored.infos) / batch_size
         metrics["answer_found_rate"] = sum(info["answer"] is not None for info in scored.infos) / batch_size
+        metrics["math_verify_timeouts"] = float(sum(info["verdict"] is Verdict.TIMED_OUT for info in scored.infos))
+        metrics["math_verify_over_budget"] = float(sum(info["verdict"] is Verdict.OVER_BUDGET for info in scored.infos))
         if self.config.supervision == "process":
             num_steps = sum(len(info["step_rewards"]) for info in scored.infos)
             wrong = sum(reward < 0 for info in scored.infos for reward in info["arithmetic_rewards"])

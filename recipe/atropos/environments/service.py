@@ -16,11 +16,14 @@ lengths) are validated by a strict pydantic model; token ids become numpy arrays
 shape and range are checked at C speed; the pydantic models of the whole request and answer only
 document the schema (OpenAPI).
 
-Threads: evaluations run one at a time on a runner, off the event loop, so ``/health`` stays
-responsive. An evaluation whose client disconnects (it timed out, and will retry) before its turn
-comes is dropped, not run: retries do not pile up behind a slow environment. Under ``serve`` the
-runner is the main thread (uvicorn runs in a second thread), where math-verify's signal-based
-timeouts work; an app built by :func:`create_app` alone uses a worker thread.
+Threads: evaluations run on a runner, off the event loop, so ``/health`` stays responsive; up to
+the environment's ``max_concurrent_evaluations`` at once (GSM8K: 4, its math-verify judging in a
+process pool), so an unrelated request need not wait behind a slow one. An evaluation whose client
+disconnects (it timed out, and will retry) before its turn comes is dropped, not run: retries do
+not pile up behind a slow environment; one that disconnects while sending its body is counted the
+same way (``requests_abandoned``), never as a 500. Environments that run one evaluation at a time
+run them, under ``serve``, on the main thread (uvicorn runs in a second thread), where signal-based
+timeouts work.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -113,20 +116,58 @@ def error_response(status: int, code: str, message: str, headers: Mapping[str, s
 # --------------------------------------------------------------------------------------------
 
 
-class EvaluateRequest(BaseModel):
-    """``POST /evaluate_and_compute_advantages`` body (B = number of samples)."""
+# Integers travel as 64-bit on the wire (orjson, msgpack); token ids and lengths as int32. The
+# bounds are exact as floats too (FastAPI's OpenAPI writes them as floats: 2**63 - 1 would round up).
+GroupIdInt = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+TokenId = Annotated[int, Field(ge=0, le=wire.MAX_TOKEN_ID)]
+_PER_SAMPLE = "one per prompt (JSON Schema cannot say: a list of another length gets 422 naming the field)"
 
-    prompts: list[str] = Field(description="the prompt text of each sample (B items, B >= 1)")
-    responses: list[str] = Field(description="the generated response text of each sample (B items)")
+
+class EvaluateRequest(BaseModel):
+    """``POST /evaluate_and_compute_advantages`` body (B = number of samples).
+
+    The rules a schema cannot carry: every per-sample list has B items; ``response_lengths``, when
+    sent with ``response_token_ids``, equals their lengths; the lengths sum to at most the
+    service's ``max_total_tokens`` (``/health`` ``limits``). Breaking one gets 422 naming the field.
+    """
+
+    prompts: list[str] = Field(min_length=1, description="the prompt text of each sample (B items, B >= 1)")
+    responses: list[str] = Field(description=f"the generated response text of each sample, {_PER_SAMPLE}")
     metadata: dict[str, Any] | None = Field(None, description="free-form, request level")
-    group_ids: list[str | int] | None = Field(
-        None, description="samples with equal values form one GRPO group; default: identical prompt text"
+    group_ids: list[StrictStr | GroupIdInt] | None = Field(
+        None, description=f"samples with equal values form one GRPO group, {_PER_SAMPLE}; default: identical prompt text"
     )
-    ground_truths: list[str | None] | None = Field(None, description="reference answers (B items)")
-    response_token_ids: list[list[int]] | None = Field(
-        None, description="the exact response tokens the trainer trains on (B lists; msgpack: int arrays)"
+    ground_truths: list[str | None] | None = Field(None, description=f"reference answers, {_PER_SAMPLE}")
+    response_token_ids: list[list[TokenId]] | None = Field(
+        None,
+        description=f"the exact response tokens the trainer trains on (msgpack: int arrays), {_PER_SAMPLE}",
     )
-    response_lengths: list[int] | None = Field(None, description="number of response tokens, when ids are not sent")
+    response_lengths: list[TokenId] | None = Field(
+        None, description=f"number of response tokens, when ids are not sent, {_PER_SAMPLE}"
+    )
+
+
+# What a field becomes when the environment needs it (Environment.required_request_fields).
+_REQUIRED_FORMS: dict[str, Any] = {
+    "ground_truths": (list[str], Field(description=f"reference answers (this environment needs them), {_PER_SAMPLE}")),
+    "response_token_ids": (
+        list[list[TokenId]],
+        Field(description=f"the exact response tokens (this environment needs them), {_PER_SAMPLE}"),
+    ),
+}
+
+
+def evaluate_request_model(required: frozenset[str] = frozenset()) -> type[BaseModel]:
+    """The request schema of a service whose environment needs ``required`` (non-null, every sample)."""
+    unknown = set(required) - set(_REQUIRED_FORMS)
+    if unknown:
+        raise ValueError(f"required_request_fields: {sorted(unknown)} cannot be required; supported: {sorted(_REQUIRED_FORMS)}")
+    if not required:
+        return EvaluateRequest
+    return create_model(
+        "EvaluateRequest", __base__=EvaluateRequest, __doc__=EvaluateRequest.__doc__,
+        **{name: _REQUIRED_FORMS[name] for name in sorted(required)},
+    )
 
 
 class EvaluateResponse(BaseModel):
@@ -144,7 +185,9 @@ class RegisterInferenceEndpointRequest(BaseModel):
 
     model_config = ConfigDict(strict=True)
 
-    base_url: str = Field(description="OpenAI-compatible base URL, e.g. http://host:port/v1")
+    base_url: str = Field(
+        pattern=r"^https?://", description="OpenAI-compatible base URL (http or https), e.g. http://host:port/v1"
+    )
     model: str = Field(min_length=1, description="served model name")
     api_key: str | None = Field(None, description="key for that server, if it needs one")
 
@@ -168,9 +211,9 @@ class _SmallFields(BaseModel):
     prompts: list[str] = Field(min_length=1)
     responses: list[str]
     metadata: dict[str, Any] | None = None
-    group_ids: list[StrictStr | StrictInt] | None = None
+    group_ids: list[StrictStr | GroupIdInt] | None = None
     ground_truths: list[str | None] | None = None
-    response_lengths: list[Annotated[int, Field(ge=0, le=wire.MAX_TOKEN_ID)]] | None = None
+    response_lengths: list[TokenId] | None = None
 
 
 _PER_SAMPLE_FIELDS = ("responses", "group_ids", "ground_truths", "response_lengths")
@@ -352,23 +395,35 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 class Runner(abc.ABC):
-    """Executes evaluation jobs one at a time, off the event loop."""
+    """Executes evaluation jobs off the event loop."""
 
     @abc.abstractmethod
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any: ...
+
+    def run_forever(self, keep_running: Callable[[], bool], poll_s: float = 0.1) -> None:
+        """Block the calling thread until ``keep_running()`` is false, then close."""
+        try:
+            while keep_running():
+                time.sleep(poll_s)
+        finally:
+            self.close()
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Stop accepting jobs."""
 
 
 class ThreadRunner(Runner):
-    """One worker thread (math-verify runs without its signal timeouts there; see gsm8k.py)."""
+    """``workers`` threads (signal-based timeouts, such as math-verify's own, do not work there)."""
 
-    def __init__(self) -> None:
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="env-eval")
+    def __init__(self, workers: int = 1) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="env-eval")
 
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.wrap_future(self._executor.submit(fn, *args))
+        try:
+            future = self._executor.submit(fn, *args)
+        except RuntimeError as exc:  # submitted after close()
+            raise ServiceError(503, "shutting_down", "the service is shutting down", {"Retry-After": _RETRY_AFTER_S}) from exc
+        return await asyncio.wrap_future(future)
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -507,7 +562,7 @@ def create_app(
     """The service app for one environment. ``environment.setup()`` runs on the runner at startup;
     until it returns, /health and evaluations answer 503."""
     settings = settings or ServiceSettings()
-    runner = runner or ThreadRunner()
+    runner = runner or ThreadRunner(environment.max_concurrent_evaluations)
     state = ServiceState()
 
     def run_setup() -> None:
@@ -530,6 +585,7 @@ def create_app(
         yield
         task.cancel()
         runner.close()
+        environment.close()
 
     app = FastAPI(
         title=f"{environment.name} environment service",
@@ -613,6 +669,8 @@ def create_app(
         encoded = encode_answer(info, request.headers.get("accept"), None)
         return Response(encoded.body, media_type=encoded.media_type, headers=encoded.headers)
 
+    request_schema = evaluate_request_model(environment.required_request_fields()).model_json_schema()
+
     def evaluate_job(body: bytes, headers: Mapping[str, str]) -> tuple[_Encoded, int]:
         decoded = decode_body(body, headers.get("content-type"), headers.get("content-encoding"), settings.max_body_bytes)
         evaluation = parse_evaluation_request(decoded, settings.max_total_tokens)
@@ -627,7 +685,7 @@ def create_app(
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {media: {"schema": EvaluateRequest.model_json_schema()} for media in wire.SUPPORTED_CONTENT_TYPES},
+                "content": {media: {"schema": request_schema} for media in wire.SUPPORTED_CONTENT_TYPES},
             }
         },
     )
@@ -680,8 +738,6 @@ def create_app(
         except ValidationError as exc:
             _, message = _validation_message(exc)
             raise ServiceError(422, "invalid_request", message) from exc
-        if not fields.base_url.startswith(("http://", "https://")):
-            raise ServiceError(422, "invalid_request", f"base_url: expected an http(s) URL, got {fields.base_url!r}")
         endpoint = InferenceEndpoint(fields.base_url, fields.model, fields.api_key)
         environment.set_inference_endpoint(endpoint)
         state.inference_endpoint = endpoint
@@ -881,7 +937,8 @@ def serve(environment: Environment, settings: ServiceSettings) -> int:
         logger.warning("--slurm true with --host %s: trainers on other nodes cannot reach this service", settings.host)
     import uvicorn
 
-    runner = MainThreadRunner()
+    concurrent_jobs = environment.max_concurrent_evaluations
+    runner = MainThreadRunner() if concurrent_jobs == 1 else ThreadRunner(concurrent_jobs)
     app = create_app(environment, settings, runner)
     state: ServiceState = app.state.service
     config = uvicorn.Config(
@@ -911,6 +968,7 @@ def serve(environment: Environment, settings: ServiceSettings) -> int:
     finally:
         server.should_exit = True
         thread.join(timeout=15)
+        environment.close()  # also when uvicorn never ran its shutdown (it did not start, or hung)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if state.setup_error is not None:
