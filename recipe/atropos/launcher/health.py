@@ -42,6 +42,10 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 return True
+            if exc.errno == errno.EADDRNOTAVAIL:
+                # Not an address of this machine: the service runs on another node (its command
+                # starts it there, e.g. through `srun -w <node>`); its health check will tell.
+                return False
             raise LaunchError(f"cannot check port {port} on {host!r}: {exc}") from exc
     return False
 
