@@ -72,7 +72,31 @@ def run_ppo(config, task_runner_class) -> None:
     if task_runner_class is TaskRunnerV1:  # noqa: F821 - upstream's, executed above
         raise TrainerClassError(f"{TRAINER_CLS_KEY} needs verl's legacy trainer: set trainer.use_v1=false")
     with _legacy_task_runner_builds(load_trainer_cls(trainer_cls_path)):
-        return _upstream_run_ppo(config, task_runner_class)
+        return _upstream_run_ppo(config, _OnDriverNode(task_runner_class))
+
+
+class _OnDriverNode:
+    """verl's TaskRunner actor class, placed on the node of the process that started the trainer.
+
+    Missing seam: upstream's `run_ppo` creates the TaskRunner with `task_runner_class.remote()` and
+    no placement, so on a multi-node cluster the trainer's loop (and with it the policy gateway of
+    trajectory mode, which environments must find at a known address) may land on any node. Ray's
+    NodeAffinitySchedulingStrategy keeps it on the driver's node, resolved once Ray is up.
+    """
+
+    def __init__(self, actor_class):
+        self._actor_class = actor_class
+
+    def options(self, **kwargs):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node_id = ray.get_runtime_context().get_node_id()
+        strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
+        return self._actor_class.options(scheduling_strategy=strategy, **kwargs)
+
+    def remote(self, *args, **kwargs):
+        return self.options().remote(*args, **kwargs)
 
 
 def run_with_config(config: DictConfig) -> None:
