@@ -78,6 +78,12 @@ class HFRolloutServer:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         host, port = listener.getsockname()[:2]
+        if host in ("0.0.0.0", "::"):
+            # Bound to every interface: advertise the node's address, which a policy gateway on
+            # another node can reach (a wildcard is no address to connect to).
+            import ray
+
+            host = ray.util.get_node_ip_address()
         config = uvicorn.Config(build_app(self.service), log_level="warning", lifespan="off")
         self._http_server = uvicorn.Server(config)
         self._http_task = asyncio.create_task(self._http_server.serve(sockets=[listener]))
