@@ -86,6 +86,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         self.policy_gateway = PolicyGateway(
             servers, host=cfg.policy_gateway_host, port=cfg.policy_gateway_port,
             hold_timeout_s=cfg.policy_hold_timeout_s, drain_timeout_s=cfg.policy_drain_timeout_s,
+            max_held=cfg.policy_max_held_requests, api_key=cfg.policy_api_key,
         ).start()
         self.checkpoint_manager.gateway = self.policy_gateway
 

@@ -15,7 +15,14 @@ a sleeping server:
   requests through.
 
 `GatedCheckpointEngineManager` (gated_checkpoint_manager.py) calls both from verl's own weight-sync
-sequence. A request held longer than `hold_timeout_s` gets 503 with `Retry-After`.
+sequence. A request held longer than `hold_timeout_s` gets 503 with `Retry-After`; so does one that
+arrives when `max_held` requests are already held. A held request whose client disconnects is
+dropped at once (never forwarded when the gate opens) and counted in `/health` as
+`requests_abandoned`: a retrying environment would otherwise have the servers generate every
+abandoned attempt once the step ends.
+
+With `api_key` every route but `/health` needs `Authorization: Bearer <key>` (recipe/atropos/http_auth.py);
+a gateway that listens beyond loopback refuses to start without one.
 
 Routes: `/v1/completions`, `/v1/chat/completions` and `/v1/models` are passed through, with the
 request's `model` replaced by the name the server serves (environments need not know it);
@@ -34,7 +41,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -42,11 +49,16 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from recipe.atropos.config import check_gateway_exposure
 from recipe.atropos.generate_api import Sample, completions_body, parse_generate_request
+from recipe.atropos.http_auth import CHALLENGE_HEADERS, authorization_header, bearer_refusal
 
 logger = logging.getLogger("verl.recipe.atropos")
 
 _PASSED_HEADERS = ("content-type", "authorization", "accept")
+_RETRY_AFTER_S = "5"
+# Answered to a client that has gone (nobody reads it); nginx's "client closed request".
+_CLIENT_GONE_STATUS = 499
 
 
 class GateTimeout(Exception):
@@ -55,6 +67,14 @@ class GateTimeout(Exception):
 
 class GatewayStopping(Exception):
     """The gateway is shutting down: held requests are turned away."""
+
+
+class GateFull(Exception):
+    """`max_held` requests are already waiting at the closed gate."""
+
+
+class ClientGone(Exception):
+    """The client of a held request disconnected: nobody waits for its answer."""
 
 
 class _Backends:
@@ -78,11 +98,16 @@ class _Backends:
 class PolicyGate:
     """Open/closed state and in-flight accounting; every coroutine runs on the gateway's loop."""
 
-    def __init__(self, backends: _Backends, hold_timeout_s: float):
+    def __init__(self, backends: _Backends, hold_timeout_s: float, max_held: int = 1024):
         self.backends = backends
         self.hold_timeout_s = hold_timeout_s
+        self.max_held = max_held
         self.global_steps: int | None = None
         self.held = 0
+        self.requests_abandoned = 0  # held requests dropped because their client disconnected
+        self.requests_refused_full = 0  # 503: max_held requests were already held
+        self.requests_held_too_long = 0  # 503: held past hold_timeout_s
+        self.requests_unauthorized = 0  # 401: no or a wrong bearer key
         self.times_opened = 0  # weight syncs done (fit() syncs once before the first step)
         self.times_closed = 0  # times the servers were put to sleep
         self.stopping = False
@@ -99,19 +124,13 @@ class PolicyGate:
         return sum(self.backends.in_flight.values())
 
     @contextlib.asynccontextmanager
-    async def admitted(self) -> AsyncIterator[str]:
-        """Wait for the gate (up to hold_timeout_s), then hold a slot on one server until done."""
+    async def admitted(self, disconnected: Callable[[], Awaitable[Any]] | None = None) -> AsyncIterator[str]:
+        """Wait for the gate (up to hold_timeout_s), then hold a slot on one server until done.
+
+        `disconnected` returns when the request's client has gone; a held request whose client goes
+        raises ClientGone instead of being let through."""
         if not self._open.is_set():
-            self.held += 1
-            deadline = asyncio.get_running_loop().time() + self.hold_timeout_s
-            try:
-                # Checked again on every wake-up: a gate opened and closed at once lets nobody through.
-                while not self._open.is_set() and not self.stopping:
-                    await asyncio.wait_for(self._open.wait(), timeout=deadline - asyncio.get_running_loop().time())
-            except asyncio.TimeoutError as exc:
-                raise GateTimeout from exc
-            finally:
-                self.held -= 1
+            await self._hold(disconnected)
         if self.stopping:
             raise GatewayStopping
         url = self.backends.pick()
@@ -123,6 +142,32 @@ class PolicyGate:
             self.backends.in_flight[url] -= 1
             if self.in_flight == 0:
                 self._idle.set()
+
+    async def _hold(self, disconnected: Callable[[], Awaitable[Any]] | None) -> None:
+        if self.held >= self.max_held:
+            self.requests_refused_full += 1
+            raise GateFull
+        self.held += 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.hold_timeout_s
+        client_gone = asyncio.ensure_future(disconnected()) if disconnected is not None else loop.create_future()
+        try:
+            # Checked again on every wake-up: a gate opened and closed at once lets nobody through.
+            while not self._open.is_set() and not self.stopping and not client_gone.done():
+                opened = asyncio.ensure_future(self._open.wait())
+                try:
+                    await asyncio.wait({opened, client_gone}, timeout=deadline - loop.time(), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    opened.cancel()
+                if loop.time() >= deadline and not self._open.is_set():
+                    self.requests_held_too_long += 1
+                    raise GateTimeout
+            if client_gone.done():  # also when it left just as the gate opened: nobody reads the answer
+                self.requests_abandoned += 1
+                raise ClientGone
+        finally:
+            client_gone.cancel()
+            self.held -= 1
 
     async def open(self, global_steps: int | None) -> None:
         self.global_steps = global_steps
@@ -162,8 +207,39 @@ def _relayed(answer: httpx.Response) -> Response:
     return Response(content=answer.content, status_code=answer.status_code, media_type=answer.headers.get("content-type"))
 
 
-def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
-    """The gateway's FastAPI app over `gate` (one HTTP client per app, opened with it)."""
+def _disconnect_of(request: Request) -> Callable[[], Awaitable[None]]:
+    """What returns once `request`'s client disconnects (its body read: the next ASGI message is that)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+class _BearerKeyMiddleware:
+    """Pure ASGI (bodies and disconnects untouched): every path but /health needs the key."""
+
+    def __init__(self, app, api_key: str, gate: PolicyGate):
+        self.app = app
+        self.api_key = api_key
+        self.gate = gate
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/health":
+            reason = bearer_refusal(authorization_header(scope), self.api_key)
+            if reason is not None:
+                self.gate.requests_unauthorized += 1
+                message = (f"the policy gateway needs 'Authorization: Bearer <key>' (trainer.atropos.policy_api_key); "
+                           f"the request's key is {reason}")
+                await _error(401, message, **CHALLENGE_HEADERS)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient, api_key: str | None = None) -> FastAPI:
+    """The gateway's FastAPI app over `gate` (one HTTP client per app, opened with it); with
+    `api_key`, every route but /health needs it as a bearer key."""
     state: dict[str, Any] = {}
 
     @contextlib.asynccontextmanager
@@ -173,6 +249,8 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
             yield
 
     app = FastAPI(title="Atropos policy gateway", lifespan=lifespan)
+    if api_key:
+        app.add_middleware(_BearerKeyMiddleware, api_key=api_key, gate=gate)
 
     served_names: dict[str, str | None] = {}
 
@@ -194,22 +272,31 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED_HEADERS}
         body = await request.body()
         try:
-            async with gate.admitted() as url:
+            async with gate.admitted(_disconnect_of(request)) as url:
                 name = await served_model(url, headers) if names_model else None
                 if name is not None:
                     body = _with_model(body, name)
                 answer = await state["client"].request(request.method, f"{url}{path}", content=body, headers=headers)
-        except (GateTimeout, GatewayStopping, httpx.HTTPError) as exc:
+        except (GateTimeout, GateFull, ClientGone, GatewayStopping, httpx.HTTPError) as exc:
             return _refusal(exc)
         return _relayed(answer)
 
-    def _refusal(exc: Exception) -> JSONResponse:
+    def _refusal(exc: Exception) -> Response:
+        if isinstance(exc, ClientGone):
+            return Response(status_code=_CLIENT_GONE_STATUS)
         if isinstance(exc, GateTimeout):
             return _error(
                 503,
                 f"the policy's weights were still being replaced after {gate.hold_timeout_s:g} s "
                 "(trainer.atropos.policy_hold_timeout_s); retry",
-                **{"Retry-After": "5"},
+                **{"Retry-After": _RETRY_AFTER_S},
+            )
+        if isinstance(exc, GateFull):
+            return _error(
+                503,
+                f"{gate.held} requests already wait for the policy's new weights "
+                f"(trainer.atropos.policy_max_held_requests={gate.max_held}); retry",
+                **{"Retry-After": _RETRY_AFTER_S},
             )
         if isinstance(exc, GatewayStopping):
             return _error(503, "the policy gateway is shutting down (the training run is ending)")
@@ -225,6 +312,11 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
             "times_closed": gate.times_closed,
             "in_flight": gate.in_flight,
             "held": gate.held,
+            "max_held": gate.max_held,
+            "requests_abandoned": gate.requests_abandoned,
+            "requests_refused_full": gate.requests_refused_full,
+            "requests_held_too_long": gate.requests_held_too_long,
+            "requests_unauthorized": gate.requests_unauthorized,
             "servers": gate.backends.urls,
         }
 
@@ -249,12 +341,12 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
         body = {**completions_body(request), "logprobs": 0, "return_token_ids": True}
         headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
         try:
-            async with gate.admitted() as url:
+            async with gate.admitted(_disconnect_of(raw)) as url:
                 name = await served_model(url, headers)
                 if name is not None:
                     body["model"] = name
                 answer = await state["client"].post(f"{url}/v1/completions", json=body, headers=headers)
-        except (GateTimeout, GatewayStopping, httpx.HTTPError) as exc:
+        except (GateTimeout, GateFull, ClientGone, GatewayStopping, httpx.HTTPError) as exc:
             return _refusal(exc)
         if answer.status_code != 200:
             return _relayed(answer)
@@ -276,7 +368,8 @@ def build_app(gate: PolicyGate, client_factory=httpx.AsyncClient) -> FastAPI:
 
 def _listening_socket(host: str, port: int) -> socket.socket:
     try:
-        return socket.create_server((host, port))
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host.strip("[]"), port), family=family)
     except OSError as exc:
         raise OSError(
             f"the policy gateway cannot listen on {host}:{port} ({exc.strerror}): free the port or set "
@@ -301,12 +394,17 @@ class PolicyGateway:
         port: int = 0,
         hold_timeout_s: float = 1800.0,
         drain_timeout_s: float = 120.0,
+        max_held: int = 1024,
+        api_key: str | None = None,
     ):
+        check_gateway_exposure(host, api_key)  # before anything listens
         self.host = host
         self.port = port
         self.drain_timeout_s = drain_timeout_s
         self._backends = _Backends(server_urls)
         self._hold_timeout_s = hold_timeout_s
+        self._max_held = max_held
+        self._api_key = api_key
         self._loop: asyncio.AbstractEventLoop | None = None
         self._gate: PolicyGate | None = None
         self._server = None
@@ -315,7 +413,8 @@ class PolicyGateway:
     @property
     def base_url(self) -> str:
         """What environments get as `--openai.base_url`."""
-        return f"http://{self.host}:{self.port}/v1"
+        host = f"[{self.host.strip('[]')}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
 
     def start(self, timeout_s: float = 30.0) -> PolicyGateway:
         import uvicorn
@@ -326,9 +425,10 @@ class PolicyGateway:
         def serve() -> None:
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
-            self._gate = PolicyGate(self._backends, self._hold_timeout_s)
+            self._gate = PolicyGate(self._backends, self._hold_timeout_s, self._max_held)
+            app = build_app(self._gate, api_key=self._api_key)
             # Requests still running get a short grace period at shutdown (their clients retry).
-            config = uvicorn.Config(build_app(self._gate), log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
+            config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=2)
             self._server = uvicorn.Server(config)
             try:
                 self._loop.run_until_complete(self._server.serve(sockets=[sock]))

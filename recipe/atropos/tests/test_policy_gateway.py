@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -20,6 +22,7 @@ import requests
 import uvicorn
 from fastapi import FastAPI
 
+from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.policy_gateway import PolicyGateway
 from recipe.atropos.tests.servers import (
     LOOPBACK_HOST,
@@ -216,8 +219,7 @@ def test_the_model_an_environment_names_becomes_the_one_the_server_serves(policy
         chat = requests.post(f"{gateway.base_url}/chat/completions", timeout=60,
                              json={"model": "what-the-env-calls-it", "messages": [{"role": "user", "content": "hi"}]})
     assert answer.status_code == 200 and answer.json()["model"] == "tiny"
-    # The CPU server has no chat route: its 404 comes back as it is.
-    assert chat.status_code == 404
+    assert chat.status_code == 200 and chat.json()["model"] == "tiny"
 
 
 # 3. The gate holds requests until it opens -----------------------------------------------------
@@ -397,3 +399,123 @@ def test_stop_does_not_hang_on_held_requests(pool):
     answer = held.result(timeout=20)
     assert answer.status_code == 503 and "shutting down" in answer.json()["detail"]
     assert port_is_free(gateway.port)
+
+
+# 10. Held requests whose clients have gone; a bound on held requests ------------------------------
+
+
+def raw_post(gateway: PolicyGateway, path: str, body: dict) -> socket.socket:
+    """A connection that has sent one complete POST and never reads its answer (a client that will leave)."""
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((gateway.host, gateway.port), timeout=10)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: {gateway.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data
+    )
+    return sock
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("path,body", [
+    ("/v1/completions", {"model": "tiny", "prompt": "gone", "max_tokens": 2}),
+    ("/generate", {"prompt": {"prompt_token_ids": [5, 6]}, "max_tokens": 2}),
+])
+def test_held_requests_whose_clients_disconnect_are_dropped_not_forwarded(pool, path, body):
+    clients = 300
+    with slow_backends(1, delay_s=0.2) as (backend,), running_gateway([backend.url]) as gateway:  # closed
+        sockets = [raw_post(gateway, path, body) for _ in range(clients)]
+        wait_until(lambda: health(gateway)["held"] == clients, what=f"{clients} requests held")
+        for sock in sockets:  # every client gives up while the weights are being replaced
+            sock.close()
+        wait_until(lambda: health(gateway)["held"] == 0, what="the abandoned requests leaving the gate")
+        assert health(gateway)["requests_abandoned"] == clients
+
+        staying = pool.submit(post_completion, root_url(gateway), "stays")
+        wait_until(lambda: health(gateway)["held"] == 1, what="the staying request being held")
+        gateway.open(1)
+        answer = staying.result(timeout=30)
+        assert answer.status_code == 200 and answer.json()["prompt"] == "stays"
+        time.sleep(0.5)  # room for anything wrongly let through to reach the server
+        assert backend.received == 1, f"{backend.received - 1} abandoned request(s) were forwarded after the gate opened"
+        state = health(gateway)
+        assert state["requests_abandoned"] == clients and state["held"] == 0 and state["in_flight"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_requests_beyond_the_held_bound_get_503_with_retry_after(pool):
+    with slow_backends(1, delay_s=0.2) as (backend,), running_gateway([backend.url], max_held=3) as gateway:
+        held = [pool.submit(post_completion, root_url(gateway), f"held{i}") for i in range(3)]
+        wait_until(lambda: health(gateway)["held"] == 3, what="3 requests held")
+
+        refused = post_completion(root_url(gateway), "one too many", timeout_s=10)
+        assert refused.status_code == 503
+        assert int(refused.headers["Retry-After"]) > 0
+        assert "policy_max_held_requests=3" in refused.json()["detail"]
+        state = health(gateway)
+        assert state["requests_refused_full"] == 1 and state["held"] == 3 and state["max_held"] == 3
+        assert backend.received == 0
+
+        gateway.open(1)  # the held ones go through; the bound counts held requests only
+        assert sorted(f.result(timeout=30).json()["prompt"] for f in held) == ["held0", "held1", "held2"]
+        assert post_completion(root_url(gateway), "open").status_code == 200
+        assert backend.received == 4
+
+
+# 11. The bearer key --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_a_gateway_with_a_key_refuses_requests_without_it(policy_server, tiny_assets):
+    from atroposlib.envs.server_handling.server_baseline import APIServerConfig
+    from atroposlib.envs.server_handling.vllm_server import VLLMServer
+
+    key = "k3y-for-the-policy"
+    completion = {"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2}
+    with running_gateway([policy_server.url], opened_at=1, api_key=key) as gateway:
+        url = f"{root_url(gateway)}/v1/completions"
+        for headers, reason in [({}, "missing"), ({"Authorization": "Bearer wrong"}, "wrong"),
+                                ({"Authorization": f"Basic {key}"}, "not a Bearer key")]:
+            answer = requests.post(url, json=completion, headers=headers, timeout=30)
+            assert answer.status_code == 401, (headers, answer.text)
+            assert answer.headers["WWW-Authenticate"] == "Bearer"
+            assert reason in answer.json()["detail"] and "policy_api_key" in answer.json()["detail"]
+            assert key not in answer.text
+        for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme is case-insensitive (RFC 7235)
+            answer = requests.post(url, json=completion, headers={"Authorization": f"{scheme} {key}"}, timeout=60)
+            assert answer.status_code == 200, (scheme, answer.text)
+        generate = requests.post(f"{root_url(gateway)}/generate", json={"prompt": {"prompt_token_ids": [5]}}, timeout=30)
+        assert generate.status_code == 401
+        # atroposlib's own client sends its api_key as the bearer key.
+        config = APIServerConfig(model_name="tiny", tokenizer_name=str(tiny_assets.model_dir), base_url=gateway.base_url,
+                                 api_key=key, server_type="vllm", timeout=60)
+        prompt, outputs, _, _ = asyncio.run(
+            VLLMServer(config)._tokens_and_logprobs_completion_wrapper(model="tiny", input_ids=[5, 6, 7], n=1, max_tokens=2)
+        )
+        assert prompt == [5, 6, 7] and len(outputs) == 1
+        state = health(gateway)  # /health needs no key
+        assert state["status"] == "ok" and state["requests_unauthorized"] == 4
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("host", ["0.0.0.0", "::"])
+def test_a_gateway_beyond_loopback_needs_a_key(host, monkeypatch):
+    with pytest.raises(ValueError, match=r"trainer\.atropos\.policy_api_key") as refused:
+        PolicyGateway([dead_url()], host=host, port=find_free_loopback_port())
+    assert "ATROPOS_POLICY_API_KEY" in str(refused.value) and host in str(refused.value)
+
+    # The trainer's settings refuse it before anything starts, and take the key from the environment.
+    settings = {"mode": "trajectory", "policy_gateway_host": host}
+    monkeypatch.delenv("ATROPOS_POLICY_API_KEY", raising=False)
+    with pytest.raises(ValueError, match=r"trainer\.atropos\.policy_api_key"):
+        AtroposTrainerConfig.from_config(settings)
+    monkeypatch.setenv("ATROPOS_POLICY_API_KEY", "from-the-environment")
+    assert AtroposTrainerConfig.from_config(settings).policy_api_key == "from-the-environment"
+
+    # With a key it listens there (this test runs in a loopback-only namespace) and guards it.
+    gateway = PolicyGateway([dead_url()], host=host, port=find_free_loopback_port(), api_key="k").start()
+    try:
+        local = f"http://{'127.0.0.1' if host == '0.0.0.0' else '[::1]'}:{gateway.port}"
+        assert requests.get(f"{local}/health", timeout=10).status_code == 200
+        assert requests.get(f"{local}/v1/models", timeout=10).status_code == 401
+    finally:
+        gateway.stop()
