@@ -30,10 +30,12 @@ __all__ = [
     "LauncherConfig",
     "LauncherConfigError",
     "MODES",
+    "SECRET_KEYS",
     "PolicyEndpointConfig",
     "TrainerConfig",
     "TrajectoryApiConfig",
     "load_launcher_config",
+    "mask_secret_override",
     "override_key",
     "parse_launcher_section",
 ]
@@ -42,6 +44,17 @@ SECTION = "launcher"
 # trainer.atropos.mode values: what the launcher starts follows the trainer's mode.
 MODES = ("evaluate", "trajectory")
 MODE_KEY = "trainer.atropos.mode"
+# Keys of the composed config that hold secrets: the launcher hands them to processes through
+# environment variables and keeps them off every command line and printed config.
+SECRET_KEYS = (
+    "trainer.atropos.api_key",
+    "trainer.atropos.policy_api_key",
+    "launcher.environment.api_key",
+    "launcher.inference.api_key",
+)
+POLICY_GATEWAY_HOST_KEY = "trainer.atropos.policy_gateway_host"
+# Fields of LauncherConfig read from the rest of the composed config, not from the section.
+_NOT_SECTION_KEYS = ("mode", "config_secrets", "policy_gateway_host")
 
 
 class LauncherConfigError(ValueError):
@@ -149,8 +162,11 @@ class LauncherConfig:
     trajectory_api: TrajectoryApiConfig = field(default_factory=TrajectoryApiConfig)
     policy_endpoint: PolicyEndpointConfig = field(default_factory=PolicyEndpointConfig)
     environments: tuple[AtroposEnvironmentConfig, ...] = ()
-    # Not a key of the section: set from the composed config's trainer.atropos.mode.
+    # Not keys of the section: set from the composed config (trainer.atropos.mode, the SECRET_KEYS
+    # that are set, trainer.atropos.policy_gateway_host).
     mode: str = "evaluate"
+    config_secrets: dict[str, str] = field(default_factory=dict)
+    policy_gateway_host: str = "127.0.0.1"
     log_dir: str = "outputs/launch"
     run_dir: str | None = None
     console: bool = False
@@ -186,7 +202,8 @@ def load_launcher_config(config_file: Path, overrides: Sequence[str]) -> Launche
         with initialize_config_dir(config_dir=str(config_file.resolve().parent), version_base=None):
             cfg = compose(config_name=config_file.stem, overrides=all_overrides)
     except (HydraException, OmegaConfBaseException) as exc:
-        raise LauncherConfigError(f"cannot compose {config_file} with overrides {list(overrides)}: {exc}") from exc
+        shown = [mask_secret_override(o) for o in overrides]
+        raise LauncherConfigError(f"cannot compose {config_file} with overrides {shown}: {exc}") from exc
     if SECTION not in cfg or cfg[SECTION] is None:
         raise LauncherConfigError(
             f"{config_file} has no '{SECTION}:' section: add `- launcher_defaults@launcher` to its defaults "
@@ -195,9 +212,15 @@ def load_launcher_config(config_file: Path, overrides: Sequence[str]) -> Launche
     try:
         section = OmegaConf.to_container(cfg[SECTION], resolve=True)
         mode = OmegaConf.select(cfg, MODE_KEY, default="evaluate")
+        secrets = {key: OmegaConf.select(cfg, key, default=None) for key in SECRET_KEYS}
+        gateway_host = OmegaConf.select(cfg, POLICY_GATEWAY_HOST_KEY, default="127.0.0.1")
     except OmegaConfBaseException as exc:
         raise LauncherConfigError(f"cannot resolve the {SECTION} section of {config_file}: {exc}") from exc
-    return parse_launcher_section(section, mode=mode)
+    return dataclasses.replace(
+        parse_launcher_section(section, mode=mode),
+        config_secrets={key: str(value) for key, value in secrets.items() if value not in (None, "")},
+        policy_gateway_host=str(gateway_host),
+    )
 
 
 def parse_launcher_section(section: Any, mode: Any = "evaluate") -> LauncherConfig:
@@ -221,6 +244,13 @@ def override_key(override: str) -> str:
     """The config key a Hydra override sets: ``++a.b=1`` -> ``a.b``, ``~a.b`` -> ``a.b``."""
     key = override.split("=", 1)[0]
     return key.lstrip("+~")
+
+
+def mask_secret_override(override: str) -> str:
+    """``trainer.atropos.api_key=abc`` -> ``trainer.atropos.api_key=***`` (other overrides as they are)."""
+    if "=" in override and override_key(override) in SECRET_KEYS:
+        return override.split("=", 1)[0] + "=***"
+    return override
 
 
 def _local_searchpath_override(config_file: Path, overrides: Sequence[str]) -> str | None:
@@ -283,7 +313,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, Mapping):
         raise LauncherConfigError(f"{where} must be a mapping, got {type(data).__name__}: {data!r:.100}")
     hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls) if not (cls is LauncherConfig and f.name == "mode")}
+    known = {f.name: f for f in dataclasses.fields(cls) if not (cls is LauncherConfig and f.name in _NOT_SECTION_KEYS)}
     unknown = sorted(set(map(str, data)) - set(known))
     if unknown:
         raise LauncherConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(known)}")

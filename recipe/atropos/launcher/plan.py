@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from recipe.atropos.config import API_KEY_ENV, POLICY_API_KEY_ENV, check_gateway_exposure
 from recipe.atropos.env_diagnostics import RUN_DIR_ENV
-from recipe.atropos.launcher.config import LauncherConfig, LauncherConfigError, override_key
+from recipe.atropos.launcher.config import SECRET_KEYS, LauncherConfig, LauncherConfigError, override_key
 
 __all__ = ["LaunchPlan", "PolicyEndpoint", "Registration", "ServiceSpec", "build_plan", "format_plan", "REPO_ROOT"]
 
@@ -28,6 +29,12 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 # Environment variables whose values the plan never prints.
 _SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
 _WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
+# What {policy_api_key} becomes when no key is set (vLLM's word for "no key"; a gateway without a
+# key ignores what clients send).
+NO_POLICY_KEY = "EMPTY"
+# Where the trainer reads each secret of its own config from when the config leaves it null
+# (recipe/atropos/config.py).
+_TRAINER_SECRET_ENV = {"trainer.atropos.api_key": API_KEY_ENV, "trainer.atropos.policy_api_key": POLICY_API_KEY_ENV}
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,21 @@ class ServiceSpec:
     start_timeout_s: float = 0.0
     config_key: str = ""  # where it is configured, for error messages
     cwd: str | None = None  # working directory; None: the plan's workdir
+    secrets: tuple[str, ...] = ()  # values never printed (dry run, log headers): shown as ***
+
+    def shown(self, text: str) -> str:
+        """``text`` with this service's secrets replaced by ``***`` (a secret shorter than 4
+        characters only as a whole word: masking every 'x' would garble the line)."""
+        for secret in sorted(self.secrets, key=len, reverse=True):
+            if text == secret:
+                return "***"
+            if len(secret) >= 4:
+                text = text.replace(secret, "***")
+        return text
+
+    def shown_argv(self) -> str:
+        """The command as a shell line, secrets masked (log headers, the dry run)."""
+        return shlex.join(self.shown(word) for word in self.argv)
 
     @property
     def base_url(self) -> str | None:
@@ -160,17 +182,17 @@ def build_plan(
     inference, registrations = _inference_services(cfg, common)
 
     trainer_cfg = cfg.trainer
-    trainer_argv = list(_expand(trainer_cfg.command, common))
-    if trainer_cfg.pass_config:
-        trainer_argv += ["--config-path", str(config_file.parent), "--config-name", config_file.stem, *overrides]
+    trainer_argv = _trainer_argv(cfg, config_file, overrides, common)
     key = trainer_cfg.api_url_override
     if key and not any(override_key(o) == key for o in overrides):
         trainer_argv.append(f"{key}={environment.base_url}")
     trainer_env = dict(trainer_cfg.env)
-    if api_key and "ATROPOS_API_KEY" not in environ:
-        trainer_env["ATROPOS_API_KEY"] = api_key
+    if api_key and API_KEY_ENV not in environ:
+        trainer_env[API_KEY_ENV] = api_key
+    trainer_env.update(_trainer_secret_env(cfg))
     trainer = ServiceSpec(
-        name="trainer", role="trainer", argv=tuple(trainer_argv), env=trainer_env, config_key="launcher.trainer"
+        name="trainer", role="trainer", argv=tuple(trainer_argv), env=trainer_env, config_key="launcher.trainer",
+        secrets=_secrets(cfg, api_key),
     )
 
     _check_ports_distinct((environment, *inference))
@@ -211,9 +233,7 @@ def _trajectory_plan(
         config_key="launcher.trajectory_api",
     )
     trainer_cfg = cfg.trainer
-    trainer_argv = list(_expand(trainer_cfg.command, common))
-    if trainer_cfg.pass_config:
-        trainer_argv += ["--config-path", str(config_file.parent), "--config-name", config_file.stem, *overrides]
+    trainer_argv = _trainer_argv(cfg, config_file, overrides, common)
     key = trainer_cfg.trajectory_api_url_override
     trajectory_api_url = trajectory_api.base_url or ""
     given = [o for o in overrides if key and override_key(o) == key and "=" in o]
@@ -222,9 +242,20 @@ def _trajectory_plan(
     elif key:
         trainer_argv.append(f"{key}={trajectory_api_url}")
     # The run folder: a trainer waiting for batches reports what the environments logged there.
-    trainer_env = {RUN_DIR_ENV: str(run_dir), **trainer_cfg.env}
+    trainer_env = {RUN_DIR_ENV: str(run_dir), **trainer_cfg.env, **_trainer_secret_env(cfg)}
+    # The gateway's key: the trainer reads it from its environment, the environments get it as
+    # {policy_api_key} (their clients send it as the bearer key) and in their environment.
+    policy_key = cfg.config_secrets.get("trainer.atropos.policy_api_key") or environ.get(POLICY_API_KEY_ENV) or None
+    try:
+        check_gateway_exposure(cfg.policy_gateway_host, policy_key)
+    except ValueError as exc:
+        raise LauncherConfigError(str(exc)) from exc
+    if policy_key:
+        trainer_env[POLICY_API_KEY_ENV] = policy_key
+    secrets = _secrets(cfg, policy_key)
     trainer = ServiceSpec(
-        name="trainer", role="trainer", argv=tuple(trainer_argv), env=trainer_env, config_key="launcher.trainer"
+        name="trainer", role="trainer", argv=tuple(trainer_argv), env=trainer_env, config_key="launcher.trainer",
+        secrets=secrets,
     )
 
     policy = _policy_endpoint(cfg)
@@ -238,6 +269,7 @@ def _trajectory_plan(
             "trajectory_api_url": trajectory_api_url,
             "model": policy.model,
             "tokenizer": policy.tokenizer,
+            "policy_api_key": policy_key or NO_POLICY_KEY,
         }
         argv = _expand(env_cfg.command, values)
         cwd = (workdir / _fill(env_cfg.workdir, values)).resolve() if env_cfg.workdir else None
@@ -251,9 +283,13 @@ def _trajectory_plan(
                 name=f"env-{env_cfg.name}",
                 role="atropos_env",
                 argv=with_atroposlib_compat(argv) if env_cfg.atroposlib_compat else argv,
-                env={k: _fill(v, values) for k, v in env_cfg.env.items()},
+                env={
+                    **({POLICY_API_KEY_ENV: policy_key} if policy_key else {}),
+                    **{k: _fill(v, values) for k, v in env_cfg.env.items()},
+                },
                 config_key=f"launcher.environments[{index}]",
                 cwd=str(cwd) if cwd is not None else None,
+                secrets=secrets,
             )
         )
     if not environments:
@@ -281,6 +317,30 @@ def _trajectory_plan(
 
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+def _trainer_argv(cfg: LauncherConfig, config_file: Path, overrides: Sequence[str], common: Mapping[str, str]) -> list[str]:
+    """The trainer's command: its config and the command line's overrides, except secrets.
+
+    A key given as an override (or written in the config) would otherwise sit on the trainer's
+    command line (visible in ps) and in trainer.log, where verl prints its whole config. Each set
+    secret is nulled there instead; the trainer reads its own from the environment (_trainer_secret_env).
+    """
+    argv = list(_expand(cfg.trainer.command, common))
+    if cfg.trainer.pass_config:
+        kept = [o for o in overrides if override_key(o) not in SECRET_KEYS]
+        nulled = [f"++{key}=null" for key in SECRET_KEYS if key in cfg.config_secrets]
+        argv += ["--config-path", str(config_file.parent), "--config-name", config_file.stem, *kept, *nulled]
+    return argv
+
+
+def _trainer_secret_env(cfg: LauncherConfig) -> dict[str, str]:
+    """The trainer's own secrets of the composed config, as the environment variables it reads."""
+    return {env: cfg.config_secrets[key] for key, env in _TRAINER_SECRET_ENV.items() if key in cfg.config_secrets}
+
+
+def _secrets(cfg: LauncherConfig, *more: str | None) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(v for v in (*cfg.config_secrets.values(), *more) if v))
 
 
 def _policy_endpoint(cfg: LauncherConfig) -> PolicyEndpoint:
@@ -455,11 +515,11 @@ def format_plan(plan: LaunchPlan) -> str:
         nonlocal step
         step += 1
         lines.append(f"{step}. start {spec.name} ({what})")
-        lines.append(f"   command: {shlex.join(spec.argv)}")
+        lines.append(f"   command: {spec.shown_argv()}")
         if spec.cwd:
             lines.append(f"   cwd:     {spec.cwd}")
         if spec.env:
-            shown = {k: ("***" if _SECRET_NAME.search(k) else v) for k, v in sorted(spec.env.items())}
+            shown = {k: ("***" if _SECRET_NAME.search(k) else spec.shown(v)) for k, v in sorted(spec.env.items())}
             lines.append("   env:     " + " ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()))
         if spec.port is not None:
             lines.append(f"   listens: {spec.host}:{spec.port}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import signal
 import subprocess
 import time
@@ -54,7 +53,7 @@ class ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-            header = f"=== {stamp} launcher: start {self.starts} of {self.name}: {shlex.join(self.spec.argv)}\n"
+            header = f"=== {stamp} launcher: start {self.starts} of {self.name}: {self.spec.shown_argv()}\n"
             log.write(header.encode())
             log.flush()
             try:
@@ -68,7 +67,7 @@ class ManagedProcess:
                     start_new_session=True,
                 )
             except OSError as exc:
-                raise OSError(f"cannot start {self.name} ({shlex.join(self.spec.argv)}): {exc}") from exc
+                raise OSError(f"cannot start {self.name} ({self.spec.shown_argv()}): {exc}") from exc
 
     def poll(self) -> int | None:
         """Exit code once it has exited (negative: killed by that signal), else None."""
