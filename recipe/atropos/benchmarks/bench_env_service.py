@@ -130,7 +130,7 @@ def naive_app():
         result = environment.evaluate(evaluation)
         answer = NaiveResponse(
             advantages=[np.asarray(a).tolist() for a in result.advantages],
-            scores=result.scores_B.tolist(),
+            scores=result.scores,
             metrics=result.metrics,
         )
         return Response(json.dumps(answer.model_dump()), media_type=wire.JSON)
@@ -211,7 +211,7 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
 
 def bench_scoring(batch: dict[str, Any]) -> dict[str, float]:
     from recipe.atropos.environments.gsm8k import GSM8KEnvironment
-    from recipe.atropos.environments.service import parse_evaluation_request
+    from recipe.atropos.protocol import parse_evaluation_request
 
     environment = GSM8KEnvironment()
     environment.setup()

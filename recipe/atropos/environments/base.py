@@ -2,13 +2,13 @@
 
 An environment judges a batch of responses and turns the judgement into advantages:
 
-    request -> check_request -> score -> compute_advantages -> metrics -> EvaluationResult
+    request -> check_request -> score -> compute_advantages -> metrics -> EvaluateResponse
 
 :meth:`Environment.evaluate` runs those steps; a subclass writes :meth:`score` and
 :meth:`compute_advantages` (and may extend :meth:`metrics`, :meth:`check_request`, :meth:`setup`).
 Its options are a pydantic model (:attr:`Environment.Config`), which the service turns into
 ``--env.<field>`` command-line flags. Everything crossing the module border is a typed dataclass
-with numpy arrays, never raw JSON.
+with numpy arrays (:mod:`recipe.atropos.datatypes`) or a wire model (:mod:`recipe.atropos.protocol`).
 """
 
 from __future__ import annotations
@@ -21,25 +21,22 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from recipe.atropos.advantages import group_index
+from recipe.atropos.datatypes import EvaluationRequest, GroupId, InferenceEndpoint, SampleAdvantage
+from recipe.atropos.errors import ContractError
+from recipe.atropos.protocol import EvaluateResponse, evaluate_response
 
-GroupId = str | int
-# One sample's advantage: a token list (float32 [T]), one float broadcast over the response, or
-# None (no override: the trainer computes standard GRPO for that sample).
-SampleAdvantage = np.ndarray | float | None
-
-
-class ContractError(ValueError):
-    """A request that is valid JSON/msgpack but breaks the contract (HTTP 422).
-
-    ``field`` names the request field at fault; the message says what was wrong, with sizes.
-    """
-
-    def __init__(self, message: str, field: str, code: str = "invalid_request") -> None:
-        super().__init__(message)
-        self.message = message
-        self.field = field
-        self.code = code
+# What an environment author needs, in one import.
+__all__ = [
+    "ContractError",
+    "EnvConfig",
+    "Environment",
+    "EvaluationRequest",
+    "GroupId",
+    "InferenceEndpoint",
+    "SampleAdvantage",
+    "ScoredBatch",
+    "group_score_metrics",
+]
 
 
 class EnvConfig(BaseModel):
@@ -49,52 +46,6 @@ class EnvConfig(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceEndpoint:
-    """An OpenAI-compatible server registered through ``POST /register_inference_endpoint``."""
-
-    base_url: str
-    model: str
-    api_key: str | None = None
-
-    def public(self) -> dict[str, Any]:
-        """What ``/health`` may show: never the key itself."""
-        return {"base_url": self.base_url, "model": self.model, "api_key_set": self.api_key is not None}
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationRequest:
-    """One evaluation request, validated: every per-sample list has B entries.
-
-    ``group_ids`` and ``ground_truths`` are resolved (prompt text when no group ids were sent;
-    None per sample when no ground truths were sent). ``response_lengths_B`` is known when the
-    request sent token ids or lengths (then token-level advantages may be returned).
-    """
-
-    prompts: list[str]
-    responses: list[str]
-    group_ids: list[GroupId]
-    ground_truths: list[str | None]
-    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
-    response_token_ids: list[np.ndarray] | None = None  # B arrays of int64 [T_i]
-    response_lengths_B: np.ndarray | None = None  # int64 [B]
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.prompts)
-
-    @property
-    def lengths_known(self) -> bool:
-        return self.response_lengths_B is not None
-
-    def group_index_B(self) -> np.ndarray:
-        """Dense group index of each sample (0..G-1, in order of first appearance), int64 [B].
-
-        Group ids compare as their string form, as verl's GRPO does with its uids.
-        """
-        return group_index(self.group_ids)
 
 
 @dataclasses.dataclass
@@ -107,22 +58,6 @@ class ScoredBatch:
 
     scores_B: np.ndarray  # float64 [B]
     infos: list[dict[str, Any]]
-
-
-@dataclasses.dataclass
-class EvaluationResult:
-    """The answer to an evaluation request (the 200 body of the protocol)."""
-
-    scores_B: np.ndarray  # float64 [B]
-    advantages: list[SampleAdvantage]  # B entries
-    metrics: dict[str, float]
-
-    def to_payload(self) -> dict[str, Any]:
-        return {
-            "advantages": self.advantages,
-            "scores": self.scores_B.astype(np.float64).tolist(),
-            "metrics": {name: float(value) for name, value in self.metrics.items()},
-        }
 
 
 def group_score_metrics(scores_B: np.ndarray, group_index_B: np.ndarray) -> dict[str, float]:
@@ -206,13 +141,13 @@ class Environment(abc.ABC):
         """Request-level metrics (numbers only); see :func:`group_score_metrics` for the common ones."""
         return group_score_metrics(scored.scores_B, request.group_index_B())
 
-    def evaluate(self, request: EvaluationRequest) -> EvaluationResult:
+    def evaluate(self, request: EvaluationRequest) -> EvaluateResponse:
         """check_request -> score -> compute_advantages -> metrics, with the result's sizes checked."""
         self.check_request(request)
         scored = self.score(request)
         advantages = self.compute_advantages(request, scored)
         _check_result_sizes(request, scored.scores_B, advantages, self.name)
-        return EvaluationResult(scored.scores_B, advantages, self.metrics(request, scored))
+        return evaluate_response(scored.scores_B, advantages, self.metrics(request, scored))
 
 
 def _check_result_sizes(

@@ -18,12 +18,8 @@ from recipe.atropos.environments.gsm8k import (
     step_end_tokens,
     step_reward,
 )
-from recipe.atropos.environments.service import (
-    ServiceSettings,
-    create_app,
-    parse_command_line,
-    parse_evaluation_request,
-)
+from recipe.atropos.environments.service import ServiceSettings, create_app, parse_command_line
+from recipe.atropos.protocol import parse_evaluation_request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -163,7 +159,7 @@ def test_outcome_environment_scores_and_normalizes_within_groups():
     env = GSM8KEnvironment()
     request = _request(["\\boxed{3}", "#### 4", "\\boxed{3}", "none", "#### 9"], ["3"] * 4 + ["9"], [0, 0, 0, 0, 1])
     result = env.evaluate(request)
-    np.testing.assert_array_equal(result.scores_B, [1, 0, 1, 0, 1])
+    np.testing.assert_array_equal(result.scores, [1, 0, 1, 0, 1])
     group = np.array([1.0, 0, 1, 0])
     np.testing.assert_allclose(result.advantages[:4], (group - group.mean()) / (group.std(ddof=1) + 1e-6))
     assert result.advantages[4] == pytest.approx(1.0 / (1.0 + 1e-6))  # a singleton keeps its raw score (verl: mean 0, std 1)
