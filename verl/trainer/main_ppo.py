@@ -99,8 +99,31 @@ class _OnDriverNode:
         return self.options().remote(*args, **kwargs)
 
 
+class PlatformMismatchError(RuntimeError):
+    """The config asks for a device that this process's verl platform does not drive."""
+
+
+def check_cpu_platform(config: DictConfig) -> None:
+    """A config made for CPU (trainer.device=cpu) on a process whose verl platform is not the CPU one
+    stops here, before Ray starts: otherwise verl falls back to CUDA and the run dies about 30 s later
+    inside a Ray worker with "Distributed package doesn't have NCCL built in"."""
+    if config.get("trainer", {}).get("device") != "cpu":
+        return
+    from verl.plugin.platform import get_platform
+
+    found = get_platform().device_name
+    if found != "cpu":
+        raise PlatformMismatchError(
+            f"trainer.device=cpu, but verl's platform in this process is {found!r} "
+            f"(VERL_PLATFORM={os.environ.get('VERL_PLATFORM', '<unset>')}): run with VERL_PLATFORM=cpu "
+            "VERL_USE_EXTERNAL_MODULES=recipe.atropos.cpu in the environment (the launcher sets both for a CPU "
+            "config), or set trainer.device to your accelerator"
+        )
+
+
 def run_with_config(config: DictConfig) -> None:
     """Run a composed config as `python -m verl.trainer.main_ppo` does (recipe entry points call this)."""
+    check_cpu_platform(config)  # before Ray starts
     trainer_cls_path = config.get(TRAINER_CLS_KEY)
     if trainer_cls_path:
         trainer_cls = load_trainer_cls(trainer_cls_path)  # fail here, before Ray starts

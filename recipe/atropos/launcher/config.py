@@ -53,8 +53,9 @@ SECRET_KEYS = (
     "launcher.inference.api_key",
 )
 POLICY_GATEWAY_HOST_KEY = "trainer.atropos.policy_gateway_host"
+DEVICE_KEY = "trainer.device"
 # Fields of LauncherConfig read from the rest of the composed config, not from the section.
-_NOT_SECTION_KEYS = ("mode", "config_secrets", "policy_gateway_host")
+_NOT_SECTION_KEYS = ("mode", "config_secrets", "policy_gateway_host", "trainer_device")
 
 
 class LauncherConfigError(ValueError):
@@ -163,10 +164,11 @@ class LauncherConfig:
     policy_endpoint: PolicyEndpointConfig = field(default_factory=PolicyEndpointConfig)
     environments: tuple[AtroposEnvironmentConfig, ...] = ()
     # Not keys of the section: set from the composed config (trainer.atropos.mode, the SECRET_KEYS
-    # that are set, trainer.atropos.policy_gateway_host).
+    # that are set, trainer.atropos.policy_gateway_host, trainer.device).
     mode: str = "evaluate"
     config_secrets: dict[str, str] = field(default_factory=dict)
     policy_gateway_host: str = "127.0.0.1"
+    trainer_device: str | None = None
     log_dir: str = "outputs/launch"
     run_dir: str | None = None
     console: bool = False
@@ -214,12 +216,14 @@ def load_launcher_config(config_file: Path, overrides: Sequence[str]) -> Launche
         mode = OmegaConf.select(cfg, MODE_KEY, default="evaluate")
         secrets = {key: OmegaConf.select(cfg, key, default=None) for key in SECRET_KEYS}
         gateway_host = OmegaConf.select(cfg, POLICY_GATEWAY_HOST_KEY, default="127.0.0.1")
+        device = OmegaConf.select(cfg, DEVICE_KEY, default=None)
     except OmegaConfBaseException as exc:
         raise LauncherConfigError(f"cannot resolve the {SECTION} section of {config_file}: {exc}") from exc
     return dataclasses.replace(
         parse_launcher_section(section, mode=mode),
         config_secrets={key: str(value) for key, value in secrets.items() if value not in (None, "")},
         policy_gateway_host=str(gateway_host),
+        trainer_device=None if device is None else str(device),
     )
 
 

@@ -32,6 +32,12 @@ _WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 # What {policy_api_key} becomes when no key is set (vLLM's word for "no key"; a gateway without a
 # key ignores what clients send).
 NO_POLICY_KEY = "EMPTY"
+# A config made for CPU (trainer.device: cpu) runs only on verl's CPU platform (recipe/atropos/cpu):
+# without it verl picks CUDA and the run dies in a Ray worker ("Distributed package doesn't have
+# NCCL built in"). The launcher gives the trainer these, unless launcher.trainer.env sets them.
+CPU_PLATFORM_ENV = {"VERL_PLATFORM": "cpu"}
+CPU_MODULE = "recipe.atropos.cpu"
+EXTERNAL_MODULES_ENV = "VERL_USE_EXTERNAL_MODULES"
 # Where the trainer reads each secret of its own config from when the config leaves it null
 # (recipe/atropos/config.py).
 _TRAINER_SECRET_ENV = {"trainer.atropos.api_key": API_KEY_ENV, "trainer.atropos.policy_api_key": POLICY_API_KEY_ENV}
@@ -186,7 +192,7 @@ def build_plan(
     key = trainer_cfg.api_url_override
     if key and not any(override_key(o) == key for o in overrides):
         trainer_argv.append(f"{key}={environment.base_url}")
-    trainer_env = dict(trainer_cfg.env)
+    trainer_env = {**_platform_env(cfg, environ), **trainer_cfg.env}
     if api_key and API_KEY_ENV not in environ:
         trainer_env[API_KEY_ENV] = api_key
     trainer_env.update(_trainer_secret_env(cfg))
@@ -242,7 +248,7 @@ def _trajectory_plan(
     elif key:
         trainer_argv.append(f"{key}={trajectory_api_url}")
     # The run folder: a trainer waiting for batches reports what the environments logged there.
-    trainer_env = {RUN_DIR_ENV: str(run_dir), **trainer_cfg.env, **_trainer_secret_env(cfg)}
+    trainer_env = {RUN_DIR_ENV: str(run_dir), **_platform_env(cfg, environ), **trainer_cfg.env, **_trainer_secret_env(cfg)}
     # The gateway's key: the trainer reads it from its environment, the environments get it as
     # {policy_api_key} (their clients send it as the bearer key) and in their environment.
     policy_key = cfg.config_secrets.get("trainer.atropos.policy_api_key") or environ.get(POLICY_API_KEY_ENV) or None
@@ -332,6 +338,15 @@ def _trainer_argv(cfg: LauncherConfig, config_file: Path, overrides: Sequence[st
         nulled = [f"++{key}=null" for key in SECRET_KEYS if key in cfg.config_secrets]
         argv += ["--config-path", str(config_file.parent), "--config-name", config_file.stem, *kept, *nulled]
     return argv
+
+
+def _platform_env(cfg: LauncherConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """For a CPU config (trainer.device: cpu): verl's CPU platform, selected and loaded in the trainer
+    and, through the environment Ray passes on, in its workers."""
+    if cfg.trainer_device != "cpu":
+        return {}
+    modules = [m for m in environ.get(EXTERNAL_MODULES_ENV, "").split(",") if m.strip()]
+    return {**CPU_PLATFORM_ENV, EXTERNAL_MODULES_ENV: ",".join(dict.fromkeys([*modules, CPU_MODULE]))}
 
 
 def _trainer_secret_env(cfg: LauncherConfig) -> dict[str, str]:
