@@ -1,24 +1,18 @@
-"""The recipe's integration API in one import: the environment client, its errors, and the computer
-that turns an environment's answer into GRPO advantages.
+"""The recipe's integration API in one import (a shim for the seed's module name): the clients,
+their errors, and the computer that turns an environment's answer into GRPO advantages.
 
     from recipe.atropos.atropos_integration import AtroposEnvironmentClient, AtroposGRPOComputer
 
-Each piece lives in a module of its own (client.py, grpo_computer.py, advantages.py).
+Each piece lives in a module of its own (evaluate/client.py, runapi_client.py, errors.py,
+datatypes.py, grpo_computer.py, environments/advantages.py).
 """
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
-from recipe.atropos.client import (
-    AtroposAPIError,
-    AtroposEnvironmentClient,
-    AtroposProtocolError,
-    AtroposRequestError,
-    AtroposUnavailableError,
-    ClientStats,
-    EvaluationResult,
-    TrajectoryInfo,
-    TrajectoryStatus,
-)
+from recipe.atropos.datatypes import ClientStats, EvaluationResult, InvalidSample, TrajectoryInfo, TrajectoryStatus
+from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError, AtroposUnavailableError
+from recipe.atropos.evaluate.client import AtroposEnvironmentClient
 from recipe.atropos.grpo_computer import AdvantageOutput, AdvantageOverrides, AtroposGRPOComputer, advantage_metrics
+from recipe.atropos.runapi_client import AtroposRunAPIClient
 
 __all__ = [
     "AdvantageOutput",
@@ -28,9 +22,11 @@ __all__ = [
     "AtroposGRPOComputer",
     "AtroposProtocolError",
     "AtroposRequestError",
+    "AtroposRunAPIClient",
     "AtroposUnavailableError",
     "ClientStats",
     "EvaluationResult",
+    "InvalidSample",
     "TrajectoryInfo",
     "TrajectoryStatus",
     "advantage_metrics",

@@ -26,14 +26,9 @@ import requests
 import torch
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np
-from recipe.atropos.client import (
-    AtroposAPIError,
-    AtroposEnvironmentClient,
-    AtroposProtocolError,
-    AtroposRequestError,
-    EvaluationResult,
-    InvalidSample,
-)
+from recipe.atropos.datatypes import EvaluationResult, InvalidSample
+from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError
+from recipe.atropos.evaluate.client import AtroposEnvironmentClient
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.data_processing import BatchView, build_environment_request
 from recipe.atropos.grpo_computer import AtroposGRPOComputer, advantage_metrics

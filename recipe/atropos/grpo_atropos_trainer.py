@@ -33,7 +33,7 @@ from verl import DataProto
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
 from recipe.atropos import gated_checkpoint_manager, trajectory_rollout
-from recipe.atropos.client import AtroposEnvironmentClient
+from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.feedback import EnvironmentFeedback
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
@@ -92,7 +92,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     def _start_pulling_trajectories(self) -> None:
         cfg = self.atropos_config
-        client = AtroposEnvironmentClient(
+        client = AtroposRunAPIClient(
             cfg.trajectory_api_url, timeout=cfg.timeout, retry_attempts=cfg.retry_attempts,
             retry_delay=cfg.retry_delay, max_wait_time=cfg.max_wait_time, api_key=cfg.api_key,
         )

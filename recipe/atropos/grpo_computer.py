@@ -23,7 +23,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from recipe.atropos.client import AtroposProtocolError, InvalidSample
+from recipe.atropos.datatypes import InvalidSample
+from recipe.atropos.errors import AtroposProtocolError
 from verl.trainer.ppo import core_algos
 
 logger = logging.getLogger("verl.recipe.atropos")

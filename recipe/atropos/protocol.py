@@ -148,13 +148,15 @@ class ErrorResponse(BaseModel):
 
 
 def validation_message(exc: ValidationError) -> tuple[str, str]:
-    """(field, message) of a pydantic error: ``responses[3]: Input should be a valid string (got int)``."""
+    """(field, message) of a pydantic error: ``responses[3]: Input should be a valid string (got int 7)``."""
     errors = exc.errors(include_url=False)
     first = errors[0]
     location = [str(part) for part in first["loc"]]
     field = location[0] if location else "body"
     where = field + "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in location[1:])
-    message = f"{where}: {first['msg']} (got {type(first.get('input')).__name__})"
+    value = first.get("input")
+    got = type(value).__name__ + (f" {value!r:.40}" if isinstance(value, (int, float)) else "")
+    message = f"{where}: {first['msg']} (got {got})"
     if len(errors) > 1:
         message += f"; and {len(errors) - 1} more error(s)"
     return field, message

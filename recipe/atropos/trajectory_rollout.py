@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from recipe.atropos import env_diagnostics
-from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient
+from recipe.atropos.errors import AtroposAPIError
+from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.trajectory import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
 from verl import DataProto
 
@@ -59,7 +60,7 @@ class TrajectoryRolloutManager:
 
     def __init__(
         self,
-        client: AtroposEnvironmentClient,
+        client: AtroposRunAPIClient,
         limits: TrajectoryLimits,
         validation_manager: Any,
         config: Any,

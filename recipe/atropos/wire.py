@@ -150,3 +150,12 @@ def token_id_array(ids: Any) -> np.ndarray:
     if low < 0 or high > MAX_TOKEN_ID:
         raise ValueError(f"token ids must lie in [0, {MAX_TOKEN_ID}], got [{low}, {high}]")
     return array.astype(np.int32, copy=False)
+
+
+def type_name(value: Any) -> str:
+    """How a decoded value is named in error messages: ``null``, ``str``, ``array of float32 with shape (3,)``."""
+    if value is None:
+        return "null"
+    if isinstance(value, np.ndarray):
+        return f"array of {value.dtype} with shape {value.shape}"
+    return type(value).__name__

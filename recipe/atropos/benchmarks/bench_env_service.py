@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         rows: list[tuple[str, float]] = []
         results: dict[str, list[np.ndarray]] = {}
         try:
-            from recipe.atropos.client import AtroposEnvironmentClient
+            from recipe.atropos.evaluate.client import AtroposEnvironmentClient
 
             for encoding in ("msgpack", "json"):
                 with AtroposEnvironmentClient(fast.url, timeout=600, max_wait_time=1200, encoding=encoding) as client:

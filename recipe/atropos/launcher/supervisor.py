@@ -220,7 +220,8 @@ class Launcher:
         """POST every worker to ``/register_inference_endpoint``; a 404 means "not supported"."""
         if not self.plan.registrations:
             return
-        from recipe.atropos.client import AtroposAPIError, AtroposEnvironmentClient  # numpy: only when needed
+        from recipe.atropos.errors import AtroposAPIError
+        from recipe.atropos.evaluate.client import AtroposEnvironmentClient  # numpy: only when needed
 
         with AtroposEnvironmentClient(
             self.plan.environment.base_url or "",

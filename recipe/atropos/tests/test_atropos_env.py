@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from recipe.atropos.client import AtroposEnvironmentClient
+from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.environments.atropos_gsm8k_env import (
     AtroposGSM8KEnv,
     load_rl_parquet,
@@ -86,7 +86,7 @@ class EnvProcess:
         self._log.close()
 
 
-def _wait_for_batch(client: AtroposEnvironmentClient, env: EnvProcess, timeout_s: float) -> list[dict]:
+def _wait_for_batch(client: AtroposRunAPIClient, env: EnvProcess, timeout_s: float) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if env.process.poll() is not None:
@@ -105,7 +105,7 @@ def test_env_generates_scores_and_groups_arrive_as_a_verl_batch(tiny_assets, tmp
     api = start_atropos_run_api()
     env_process = None
     try:
-        client = AtroposEnvironmentClient(api.url, timeout=10.0, retry_attempts=2, retry_delay=0.2, max_wait_time=30.0)
+        client = AtroposRunAPIClient(api.url, timeout=10.0, retry_attempts=2, retry_delay=0.2, max_wait_time=30.0)
         client.register_trainer(batch_size=BATCH_SIZE, max_token_len=512, num_steps=10)
         assert client.get_batch() is None  # marks the trainer as started: environments may now register
         env_argv = [

@@ -18,17 +18,10 @@ import pytest
 import requests
 
 from recipe.atropos import wire
-from recipe.atropos.client import (
-    AtroposAPIError,
-    AtroposEnvironmentClient,
-    AtroposProtocolError,
-    AtroposRequestError,
-    AtroposUnavailableError,
-    EvaluationResult,
-    InvalidSample,
-    TrajectoryInfo,
-    TrajectoryStatus,
-)
+from recipe.atropos.datatypes import EvaluationResult, InvalidSample, TrajectoryInfo, TrajectoryStatus
+from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError, AtroposUnavailableError
+from recipe.atropos.evaluate.client import AtroposEnvironmentClient
+from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.tests.fault_server import Fault, FaultInjectingServer
 from recipe.atropos.tests.servers import (
     REPO_ROOT,
@@ -426,20 +419,20 @@ def test_msgpack_answers_with_mixed_advantages_are_accepted(server):
 @pytest.mark.parametrize(
     ("arguments", "needles"),
     [
-        (dict(prompts=["a", "b"], responses=["x"]), ["responses", "has 1 items, prompts has 2"]),
-        (dict(prompts=[], responses=[]), ["prompts", "empty"]),
-        (dict(prompts=["a"], responses=[3]), ["responses", "item 0 is int"]),
-        (dict(prompts=["a", "b"], responses=["x", "y"], group_ids=[1]), ["group_ids", "has 1 items"]),
-        (dict(prompts=["a"], responses=["x"], ground_truths=[1]), ["ground_truths", "item 0 is int"]),
-        (dict(prompts=["a"], responses=["x"], response_token_ids=[[1], [2]]), ["response_token_ids", "has 2 items"]),
+        (dict(prompts=["a", "b"], responses=["x"]), ["responses has 1 items but prompts has 2"]),
+        (dict(prompts=[], responses=[]), ["prompts", "at least 1 item"]),
+        (dict(prompts=["a"], responses=[3]), ["responses[0]", "valid string (got int 3)"]),
+        (dict(prompts=["a", "b"], responses=["x", "y"], group_ids=[1]), ["group_ids has 1 items"]),
+        (dict(prompts=["a"], responses=["x"], ground_truths=[1]), ["ground_truths[0]", "(got int 1)"]),
+        (dict(prompts=["a"], responses=["x"], response_token_ids=[[1], [2]]), ["response_token_ids has 2 items"]),
         (dict(prompts=["a"], responses=["x"], response_token_ids=[[1.5]]), ["response_token_ids[0]", "float64"]),
         (dict(prompts=["a"], responses=["x"], response_token_ids=[[-1]]), ["response_token_ids[0]", "[-1, -1]"]),
-        (dict(prompts=["a"], responses=["x"], response_lengths=[-2]), ["response_lengths", "-2"]),
+        (dict(prompts=["a"], responses=["x"], response_lengths=[-2]), ["response_lengths[0]", "-2"]),
         (
             dict(prompts=["a"], responses=["x"], response_token_ids=[[1, 2]], response_lengths=[3]),
-            ["response_lengths", "item 0 is 3", "response_token_ids[0] has 2 tokens"],
+            ["response_lengths[0] is 3", "response_token_ids[0] has 2 tokens"],
         ),
-        (dict(prompts=["a"], responses=["x"], metadata=["step"]), ["metadata", "expected an object"]),
+        (dict(prompts=["a"], responses=["x"], metadata=["step"]), ["metadata", "valid dictionary (got list)"]),
         (dict(prompts=["a"], responses=["x"], metadata={"when": object()}), ["cannot encode", "object"]),
     ],
 )
@@ -502,7 +495,7 @@ def test_logs_each_attempt_at_debug_and_each_give_up_at_info(server, caplog):
     [("2", 2.0), ("0.25", 0.25), ("-3", 0.0), ("soon", None), (None, None), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0)],
 )
 def test_retry_after_header_forms(header, expected):
-    from recipe.atropos.client import _parse_retry_after
+    from recipe.atropos.http_retry import _parse_retry_after
 
     assert _parse_retry_after(header) == expected
 
@@ -512,8 +505,12 @@ def test_retry_after_header_forms(header, expected):
 # --------------------------------------------------------------------------------------------
 
 
+def make_runapi_client(url: str, **options) -> AtroposRunAPIClient:
+    return AtroposRunAPIClient(url, **{**FAST, **options})
+
+
 def test_trajectory_methods_share_the_retry_rules(server):
-    client = make_client(server.url, retry_attempts=3)
+    client = make_runapi_client(server.url, retry_attempts=3)
     server.inject("/status", Fault(status=503), times=2)
     assert client.status() == TrajectoryStatus(current_step=0, queue_size=0)
     assert len(server.requests_to("/status")) == 3
@@ -544,7 +541,7 @@ def run_api():
 
 @pytest.mark.timeout(90)
 def test_trajectory_api_of_atroposlib_run_api(run_api):
-    client = make_client(run_api.url)
+    client = make_runapi_client(run_api.url)
     assert client.info() == TrajectoryInfo(batch_size=-1, max_token_len=-1)
     assert client.status() == TrajectoryStatus(current_step=0, queue_size=0)
     with pytest.raises(AtroposRequestError, match="/register") as raised:

@@ -10,7 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from recipe.atropos import wire
-from recipe.atropos.client import AtroposProtocolError
+from recipe.atropos.errors import AtroposProtocolError
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.feedback import EnvironmentFeedback, EnvironmentServiceError
 from recipe.atropos.grpo_computer import AtroposGRPOComputer

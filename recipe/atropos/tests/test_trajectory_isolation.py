@@ -14,7 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recipe.atropos.client import AtroposEnvironmentClient
+from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.trajectory import (
     DROP_REASONS,
@@ -44,7 +44,7 @@ def test_malformed_groups_from_run_api_are_dropped_and_counted():
         {"tokens": [[1, 2, 3], [1, 2, 4]], "masks": [[M, 2, 3], [M, 2, 4]], "scores": [1.0, 0.0, 1.0]},
     ]
     with start_atropos_run_api() as run_api:
-        client = AtroposEnvironmentClient(run_api.url, retry_delay=0.01, timeout=5.0, max_wait_time=10.0)
+        client = AtroposRunAPIClient(run_api.url, retry_delay=0.01, timeout=5.0, max_wait_time=10.0)
         client.register_trainer(batch_size=8, max_token_len=16, num_steps=2)
         client.get_batch()
         for group in groups:

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from recipe.atropos.client import AtroposEnvironmentClient
+from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.run_report import read_steps
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
@@ -62,7 +62,7 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
     )
     env_process, gateway_seen, server_steps_seen = None, [], set()
     try:
-        client = AtroposEnvironmentClient(api.url, timeout=5, retry_attempts=1, max_wait_time=5)
+        client = AtroposRunAPIClient(api.url, timeout=5, retry_attempts=1, max_wait_time=5)
         deadline = time.monotonic() + 240
         # Environments start once the trainer's policy gateway is up and it has registered.
         while (_gateway_health(policy_port) is None or client.info().batch_size < 0) and time.monotonic() < deadline:
