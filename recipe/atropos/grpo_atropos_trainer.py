@@ -35,7 +35,7 @@ from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 from recipe.atropos import gated_checkpoint_manager, trajectory_rollout
 from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.config import AtroposTrainerConfig
-from recipe.atropos.feedback import EnvironmentFeedback
+from recipe.atropos.evaluate.feedback import EnvironmentFeedback
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.policy_gateway import PolicyGateway, check_port_free
 from recipe.atropos.trajectory import TrajectoryLimits

@@ -30,7 +30,7 @@ from recipe.atropos.datatypes import EvaluationResult, InvalidSample
 from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError
 from recipe.atropos.evaluate.client import AtroposEnvironmentClient
 from recipe.atropos.config import AtroposTrainerConfig
-from recipe.atropos.data_processing import BatchView, build_environment_request
+from recipe.atropos.evaluate.request import BatchView, build_environment_request
 from recipe.atropos.grpo_computer import AtroposGRPOComputer, advantage_metrics
 from verl import DataProto
 
@@ -137,15 +137,7 @@ class EnvironmentFeedback:
             raise ConnectionError(f"{self.config.api_url}/health does not answer")
         request = build_environment_request(view, self.tokenizer, send_token_ids=self.config.send_token_ids, step=step)
         start = time.perf_counter()
-        result = self.client.evaluate_and_compute_advantages(
-            request.prompts,
-            request.responses,
-            request.metadata,
-            group_ids=request.group_ids,
-            ground_truths=request.ground_truths,
-            response_token_ids=request.response_token_ids,
-            response_lengths=None if request.response_token_ids is not None else request.response_lengths,
-        )
+        result = self.client.evaluate(request)
         return result, time.perf_counter() - start
 
     def apply(self, batch: DataProto, step: int) -> dict[str, float]:

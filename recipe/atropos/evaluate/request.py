@@ -1,4 +1,4 @@
-"""verl batch -> the environment service's request fields (prompt and response text, ids, groups)."""
+"""verl batch -> the environment service's request (prompt and response text, ids, groups, ground truths)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from recipe.atropos.protocol import EvaluateRequest
 from verl import DataProto
 
 
@@ -39,27 +40,18 @@ class BatchView:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class EnvironmentRequest:
-    """One `/evaluate_and_compute_advantages` request for a batch of B samples."""
-
-    prompts: list[str]
-    responses: list[str]
-    group_ids: list[str]
-    ground_truths: list[str | None] | None
-    response_token_ids: list[np.ndarray] | None
-    response_lengths: list[int]
-    metadata: dict[str, Any]
-
-
 def _ground_truth(reward_model: Any) -> str | None:
     if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
         return str(reward_model["ground_truth"])
     return None
 
 
-def build_environment_request(view: BatchView, tokenizer, *, send_token_ids: bool, step: int) -> EnvironmentRequest:
-    """Decode prompts and responses; the response tokens are those where `response_mask` is 1."""
+def build_environment_request(view: BatchView, tokenizer, *, send_token_ids: bool, step: int) -> EvaluateRequest:
+    """Decode prompts and responses; the response tokens are those where `response_mask` is 1.
+
+    The wire model, built unvalidated (the client checks it before sending): token ids are the
+    responses' arrays; their lengths are sent instead when the ids are not.
+    """
     prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(view.prompts_BP, view.prompt_mask_BP)]
     response_mask_BT = view.response_mask_BT.bool()
     response_ids = [ids[mask].numpy() for ids, mask in zip(view.responses_BT, response_mask_BT)]
@@ -68,12 +60,12 @@ def build_environment_request(view: BatchView, tokenizer, *, send_token_ids: boo
         ground_truths = [_ground_truth(rm) for rm in view.reward_model_B]
         if all(gt is None for gt in ground_truths):
             ground_truths = None
-    return EnvironmentRequest(
+    return EvaluateRequest.model_construct(
         prompts=tokenizer.batch_decode(prompt_ids, skip_special_tokens=True),
         responses=tokenizer.batch_decode([ids.tolist() for ids in response_ids], skip_special_tokens=True),
         group_ids=[str(uid) for uid in view.uids_B],
         ground_truths=ground_truths,
         response_token_ids=response_ids if send_token_ids else None,
-        response_lengths=response_mask_BT.sum(dim=-1).tolist(),
+        response_lengths=None if send_token_ids else response_mask_BT.sum(dim=-1).tolist(),
         metadata={"step": step},
     )

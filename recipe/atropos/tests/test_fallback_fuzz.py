@@ -25,7 +25,7 @@ from transformers import PreTrainedTokenizerFast
 
 from recipe.atropos import wire
 from recipe.atropos.config import AtroposTrainerConfig
-from recipe.atropos.feedback import EnvironmentFeedback, EnvironmentServiceError
+from recipe.atropos.evaluate.feedback import EnvironmentFeedback, EnvironmentServiceError
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
 
 from .fault_server import Fault, FaultInjectingServer

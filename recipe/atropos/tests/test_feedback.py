@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerFast
 from recipe.atropos import wire
 from recipe.atropos.errors import AtroposProtocolError
 from recipe.atropos.config import AtroposTrainerConfig
-from recipe.atropos.feedback import EnvironmentFeedback, EnvironmentServiceError
+from recipe.atropos.evaluate.feedback import EnvironmentFeedback, EnvironmentServiceError
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
 from verl import DataProto
 from verl.trainer.ppo import core_algos
