@@ -47,7 +47,7 @@ from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, Scored
 from pydantic import Field  # noqa: E402
 
 from recipe.atropos.advantages import compute_grpo_outcome_advantages_np  # noqa: E402
-from recipe.atropos.environments.gsm8k import AnswerMatcher, extract_answer, reference_answer  # noqa: E402
+from recipe.atropos.environments.gsm8k_answers import AnswerMatcher, extract_answer, reference_answer  # noqa: E402
 from recipe.atropos.trajectory import IGNORE_INDEX, POLICY_STEP_KEY  # noqa: E402
 
 DEFAULT_ASSETS = "outputs/assets"  # what `python -m recipe.atropos.tiny_assets --out outputs/assets` writes

@@ -22,7 +22,7 @@ from recipe.atropos.environments.atropos_gsm8k_env import (
     score_answer,
     token_advantages,
 )
-from recipe.atropos.environments.gsm8k import AnswerMatcher
+from recipe.atropos.environments.gsm8k_answers import AnswerMatcher
 from recipe.atropos.tests.conftest import REPO_ROOT, repo_env
 from recipe.atropos.tests.servers import start_atropos_run_api, start_cpu_policy_server
 from recipe.atropos.trajectory import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics

@@ -6,18 +6,9 @@ import numpy as np
 import pytest
 
 from recipe.atropos.environments.base import ContractError, EvaluationRequest
-from recipe.atropos.environments.gsm8k import (
-    AnswerMatcher,
-    GSM8KConfig,
-    GSM8KEnvironment,
-    decode_with_char_ends,
-    extract_answer,
-    plain_number,
-    reference_answer,
-    split_steps,
-    step_end_tokens,
-    step_reward,
-)
+from recipe.atropos.environments.gsm8k import GSM8KConfig, GSM8KEnvironment
+from recipe.atropos.environments.gsm8k_answers import AnswerMatcher, extract_answer, plain_number, reference_answer
+from recipe.atropos.environments.gsm8k_steps import decode_with_char_ends, split_steps, step_end_tokens, step_reward
 from recipe.atropos.environments.service import ServiceSettings, create_app, parse_command_line
 from recipe.atropos.protocol import parse_evaluation_request
 
