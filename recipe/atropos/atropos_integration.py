@@ -7,7 +7,7 @@ Each piece lives in a module of its own (evaluate/client.py, runapi_client.py, e
 datatypes.py, grpo_computer.py, environments/advantages.py).
 """
 
-from recipe.atropos.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
+from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
 from recipe.atropos.datatypes import ClientStats, EvaluationResult, InvalidSample, TrajectoryInfo, TrajectoryStatus
 from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError, AtroposUnavailableError
 from recipe.atropos.evaluate.client import AtroposEnvironmentClient

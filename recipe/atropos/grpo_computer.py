@@ -90,6 +90,19 @@ class AtroposGRPOComputer:
         self.epsilon = epsilon
         self.norm_adv_by_std_in_grpo = norm_adv_by_std_in_grpo
 
+    def outcome_advantages(self, scores_B: np.ndarray, index_B: np.ndarray) -> np.ndarray:
+        """GRPO outcome advantage of each score, float64 [B], by the same estimator as every step
+        (each score is a one-token reward)."""
+        scores_B1 = torch.from_numpy(np.asarray(scores_B, dtype=np.float64).reshape(-1, 1))
+        advantages_B1, _ = core_algos.compute_grpo_outcome_advantage(
+            token_level_rewards=scores_B1,
+            response_mask=torch.ones_like(scores_B1),
+            index=index_B,
+            epsilon=self.epsilon,
+            norm_adv_by_std_in_grpo=self.norm_adv_by_std_in_grpo,
+        )
+        return advantages_B1.squeeze(-1).numpy()
+
     def build_overrides(self, advantages: Sequence[SampleAdvantage], response_mask_BT: torch.Tensor) -> AdvantageOverrides:
         """Align the environment's per-sample advantages with `response_mask_BT` [B, T]."""
         batch_size, _ = response_mask_BT.shape

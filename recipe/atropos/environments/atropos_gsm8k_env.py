@@ -17,7 +17,7 @@ them (``recipe/atropos/trajectory.py`` converts them into a verl batch).
   ``inference_logprobs`` (1.0 on the prompt) come straight from the sampler.
 - **Advantages:** ``--env.emit_advantages true`` adds token-level ``advantages``: verl's GRPO
   outcome advantage of each answer within its group
-  (:func:`recipe.atropos.advantages.compute_grpo_outcome_advantages_np`), on every trained token,
+  (:func:`recipe.atropos.environments.advantages.compute_grpo_outcome_advantages_np`), on every trained token,
   0 on the prompt.
 - **Staleness:** ``generation_params["policy_step"]`` is the trajectory API's step when the group
   was sampled (``BaseEnv.curr_step``).
@@ -46,7 +46,7 @@ import pandas as pd  # noqa: E402
 from atroposlib.envs.base import APIServerConfig, BaseEnv, BaseEnvConfig, ScoredDataGroup  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from recipe.atropos.advantages import compute_grpo_outcome_advantages_np  # noqa: E402
+from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np  # noqa: E402
 from recipe.atropos.environments.gsm8k_answers import AnswerMatcher, extract_answer, reference_answer  # noqa: E402
 from recipe.atropos.trajectory import IGNORE_INDEX, POLICY_STEP_KEY  # noqa: E402
 

@@ -12,7 +12,7 @@ Process supervision (``--env.supervision process``): the steps are the non-blank
 the response tokens decode to. A line whose arithmetic (``a op b = c``, or GSM8K's
 ``<<expr=value>>`` annotations) is all right scores +1, one with any wrong -1, others 0; the final
 answer's outcome score is added to the last step. Token advantages follow GRPO process
-supervision (:func:`recipe.atropos.advantages.compute_grpo_process_advantages`), with step j ending
+supervision (:func:`recipe.atropos.environments.advantages.compute_grpo_process_advantages`), with step j ending
 at the token that holds its line's last visible character and the last step at the last token.
 
 Answers are read and matched in ``gsm8k_answers``, steps judged in ``gsm8k_steps``; this module
@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from recipe.atropos.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
+from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
 from recipe.atropos.environments.gsm8k_answers import AnswerMatcher, extract_answer, reference_answer
 from recipe.atropos.environments.gsm8k_steps import decode_with_char_ends, split_steps, step_end_tokens, step_reward
 from recipe.atropos.environments.math_judge import JudgePool, Verdict, default_workers

@@ -25,7 +25,6 @@ import numpy as np
 import requests
 import torch
 
-from recipe.atropos.advantages import compute_grpo_outcome_advantages_np
 from recipe.atropos.datatypes import EvaluationResult, InvalidSample
 from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError
 from recipe.atropos.evaluate.client import AtroposEnvironmentClient
@@ -218,12 +217,7 @@ class EnvironmentFeedback:
             invalid = result.invalid_scores.get(i)
             advantages[i] = InvalidSample("invalid_score", invalid.message if invalid else f"scores[{i}] is not finite")
         if valid_B.any():
-            values = compute_grpo_outcome_advantages_np(
-                result.scores[valid_B],
-                batch.non_tensor_batch["uid"][valid_B],
-                epsilon=self.computer.epsilon,
-                norm_adv_by_std=self.computer.norm_adv_by_std_in_grpo,
-            )
+            values = self.computer.outcome_advantages(result.scores[valid_B], batch.non_tensor_batch["uid"][valid_B])
             for i, value in zip(np.flatnonzero(valid_B).tolist(), values.tolist()):
                 advantages[i] = value
         return advantages

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a file path: put the repo root on sys.pa
 import numpy as np  # noqa: E402
 from pydantic import Field  # noqa: E402
 
-from recipe.atropos.advantages import compute_grpo_outcome_advantages_np  # noqa: E402
+from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np  # noqa: E402
 from recipe.atropos.environments.base import EnvConfig, Environment, ScoredBatch  # noqa: E402
 from recipe.atropos.environments.service import main  # noqa: E402
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recipe.atropos.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
+from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np, compute_grpo_process_advantages
 from recipe.atropos.errors import AtroposProtocolError
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from verl.trainer.ppo import core_algos

@@ -1,8 +1,9 @@
 """GRPO advantages on the environment side (numpy): outcome and process supervision.
 
-The trainer side (token-level overrides inside verl's estimator) lives in
-verl/trainer/ppo/core_algos.py; these functions give environments the same formulas, so an
-environment that returns advantages computes exactly what verl would.
+The trainer computes GRPO with verl's estimator (verl/trainer/ppo/core_algos.py, torch); these
+functions give environments the same formulas, so that an environment that returns advantages
+computes exactly what verl would. Here, not on the trainer's side: environment processes (the
+service, atroposlib environments) run without torch.
 """
 
 from __future__ import annotations
@@ -10,17 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import pandas as pd
 
-
-def group_index(group_ids: Sequence[object]) -> np.ndarray:
-    """Dense group number of each sample (0..G-1, in order of first appearance), int64 [B].
-
-    Ids compare by their string form (verl's uids are strings); hashed, not sorted.
-    """
-    labels = np.asarray([str(g) for g in group_ids], dtype=object)
-    codes, _ = pd.factorize(labels, use_na_sentinel=False)
-    return codes.astype(np.int64, copy=False)
+from recipe.atropos.datatypes import group_index
 
 
 def compute_grpo_outcome_advantages_np(
