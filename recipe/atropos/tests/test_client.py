@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import requests
 
-from recipe.atropos import wire
+from recipe.atropos import protocol, wire
 from recipe.atropos.datatypes import EvaluationResult, InvalidSample, TrajectoryInfo, TrajectoryStatus
 from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError, AtroposUnavailableError
 from recipe.atropos.evaluate.client import AtroposEnvironmentClient
@@ -30,7 +30,7 @@ from recipe.atropos.tests.servers import (
     start_server_process,
 )
 
-EVALUATE = "/evaluate_and_compute_advantages"
+EVALUATE = protocol.EVALUATE_PATH
 FAST = {"retry_delay": 0.01, "timeout": 5.0, "max_wait_time": 10.0}
 
 pytestmark = pytest.mark.timeout(60)
@@ -605,6 +605,26 @@ class TestEnvironmentService:
         for advantage, length in zip(result.advantages, (3, 2)):
             assert advantage is None or isinstance(advantage, float) or len(advantage) == length
         assert all(isinstance(value, float) for value in result.metrics.values())
+
+    @pytest.mark.parametrize(
+        "body",
+        [
+            {"prompts": ["a", "b"], "responses": ["x"]},
+            {"prompts": [], "responses": []},
+            {"prompts": ["a"], "responses": [3]},
+            {"prompts": ["a"], "responses": ["x"], "response_lengths": [-2]},
+            {"prompts": ["a"], "responses": ["x"], "response_token_ids": [[1, 2]], "response_lengths": [3]},
+            {"prompts": ["a"], "responses": ["x"], "response_token_ids": [[1.5]]},
+        ],
+    )
+    def test_the_client_refuses_what_the_service_refuses_with_its_words(self, service, body):
+        """One definition of the request: what the client will not send, the service answers 422 for."""
+        answer = requests.post(service.url + EVALUATE, json=body, timeout=30)
+        assert answer.status_code == 422
+        with pytest.raises(AtroposRequestError) as raised:
+            make_client(service.url).evaluate_and_compute_advantages(**body)
+        assert raised.value.status is None
+        assert str(raised.value) == f"invalid request, not sent: {answer.json()['error']['message']}"
 
     def test_bad_request_is_a_request_error_and_the_service_survives(self, service):
         client = make_client(service.url, timeout=30.0, max_wait_time=60.0, encoding="json")

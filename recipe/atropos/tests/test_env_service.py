@@ -23,13 +23,13 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from recipe.atropos import wire
+from recipe.atropos import protocol, wire
 from recipe.atropos.environments.gsm8k import GSM8KConfig
 from recipe.atropos.tests.servers import LOOPBACK_HOST, REPO_ROOT, ServerProcess, find_free_loopback_port, port_is_free
 from recipe.atropos.tests.test_gsm8k_env import save_tiny_tokenizer
 
 SERVER_FILE = "recipe/atropos/environments/gsm8k_server.py"
-EVALUATE = "/evaluate_and_compute_advantages"
+EVALUATE = protocol.EVALUATE_PATH
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 EPS = 1e-6

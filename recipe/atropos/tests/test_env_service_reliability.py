@@ -16,6 +16,7 @@ import requests
 from hypothesis import strategies as st
 
 from recipe.atropos import wire
+from recipe.atropos.protocol import PER_SAMPLE_FIELDS
 from recipe.atropos.tests.servers import LOOPBACK_HOST
 from recipe.atropos.tests.test_env_service import EVALUATE, assert_error, health, post, start_service
 
@@ -123,7 +124,7 @@ def test_a_killed_service_leaves_no_worker_behind():
 # Schema-driven clients: requests generated from the service's own /openapi.json
 # --------------------------------------------------------------------------------------------
 
-_PER_SAMPLE_FIELDS = ("responses", "group_ids", "ground_truths", "response_token_ids", "response_lengths")
+_PER_SAMPLE_FIELDS = PER_SAMPLE_FIELDS  # the wire model's lists of one item per prompt
 
 
 def _request_schema(service, path: str) -> dict:

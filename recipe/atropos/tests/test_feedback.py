@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast
 
-from recipe.atropos import wire
+from recipe.atropos import protocol, wire
 from recipe.atropos.errors import AtroposProtocolError
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.evaluate.feedback import EnvironmentFeedback, EnvironmentServiceError
@@ -20,7 +20,7 @@ from verl.trainer.ppo import core_algos
 from .fault_server import Fault, FaultInjectingServer
 
 pytestmark = pytest.mark.timeout(60)
-EVALUATE = "/evaluate_and_compute_advantages"
+EVALUATE = protocol.EVALUATE_PATH
 
 
 @pytest.fixture(scope="module")
