@@ -38,6 +38,11 @@ NO_POLICY_KEY = "EMPTY"
 CPU_PLATFORM_ENV = {"VERL_PLATFORM": "cpu"}
 CPU_MODULE = "recipe.atropos.cpu"
 EXTERNAL_MODULES_ENV = "VERL_USE_EXTERNAL_MODULES"
+# verl's workers rendezvous through a TCPStore that torch's env:// binds to every interface; this
+# scheme binds it to MASTER_ADDR (recipe/atropos/rendezvous.py). A DIST_INIT_METHOD of the user's wins.
+RENDEZVOUS_MODULE = "recipe.atropos.rendezvous"
+RENDEZVOUS_ENV = "DIST_INIT_METHOD"
+RENDEZVOUS_INIT_METHOD = "atropos-env://"
 # Where the trainer reads each secret of its own config from when the config leaves it null
 # (recipe/atropos/config.py).
 _TRAINER_SECRET_ENV = {"trainer.atropos.api_key": API_KEY_ENV, "trainer.atropos.policy_api_key": POLICY_API_KEY_ENV}
@@ -192,7 +197,7 @@ def build_plan(
     key = trainer_cfg.api_url_override
     if key and not any(override_key(o) == key for o in overrides):
         trainer_argv.append(f"{key}={environment.base_url}")
-    trainer_env = {**_platform_env(cfg, environ), **trainer_cfg.env}
+    trainer_env = {**trainer_cfg.env, **_verl_env(cfg, environ)}
     if api_key and API_KEY_ENV not in environ:
         trainer_env[API_KEY_ENV] = api_key
     trainer_env.update(_trainer_secret_env(cfg))
@@ -248,7 +253,7 @@ def _trajectory_plan(
     elif key:
         trainer_argv.append(f"{key}={trajectory_api_url}")
     # The run folder: a trainer waiting for batches reports what the environments logged there.
-    trainer_env = {RUN_DIR_ENV: str(run_dir), **_platform_env(cfg, environ), **trainer_cfg.env, **_trainer_secret_env(cfg)}
+    trainer_env = {RUN_DIR_ENV: str(run_dir), **trainer_cfg.env, **_verl_env(cfg, environ), **_trainer_secret_env(cfg)}
     # The gateway's key: the trainer reads it from its environment, the environments get it as
     # {policy_api_key} (their clients send it as the bearer key) and in their environment.
     policy_key = cfg.config_secrets.get("trainer.atropos.policy_api_key") or environ.get(POLICY_API_KEY_ENV) or None
@@ -340,13 +345,23 @@ def _trainer_argv(cfg: LauncherConfig, config_file: Path, overrides: Sequence[st
     return argv
 
 
-def _platform_env(cfg: LauncherConfig, environ: Mapping[str, str]) -> dict[str, str]:
-    """For a CPU config (trainer.device: cpu): verl's CPU platform, selected and loaded in the trainer
-    and, through the environment Ray passes on, in its workers."""
-    if cfg.trainer_device != "cpu":
-        return {}
-    modules = [m for m in environ.get(EXTERNAL_MODULES_ENV, "").split(",") if m.strip()]
-    return {**CPU_PLATFORM_ENV, EXTERNAL_MODULES_ENV: ",".join(dict.fromkeys([*modules, CPU_MODULE]))}
+def _verl_env(cfg: LauncherConfig, environ: Mapping[str, str]) -> dict[str, str]:
+    """What verl reads from the environment, in the trainer and, through the environment Ray passes
+    on, in its workers: for a CPU config (trainer.device: cpu) verl's CPU platform, selected and
+    loaded; for every config the rendezvous that binds the workers' store to MASTER_ADDR. What
+    launcher.trainer.env sets stays (its modules are kept, the others added)."""
+    given = {**environ, **cfg.trainer.env}
+    modules = [m.strip() for m in given.get(EXTERNAL_MODULES_ENV, "").split(",") if m.strip()]
+    env: dict[str, str] = {}
+    if cfg.trainer_device == "cpu":
+        env.update({k: v for k, v in CPU_PLATFORM_ENV.items() if k not in cfg.trainer.env})
+        modules.append(CPU_MODULE)
+    if RENDEZVOUS_ENV not in given:
+        env[RENDEZVOUS_ENV] = RENDEZVOUS_INIT_METHOD
+        modules.append(RENDEZVOUS_MODULE)
+    if modules:
+        env[EXTERNAL_MODULES_ENV] = ",".join(dict.fromkeys(modules))
+    return env
 
 
 def _trainer_secret_env(cfg: LauncherConfig) -> dict[str, str]:

@@ -66,9 +66,10 @@ def test_the_launcher_gives_the_trainer_of_a_cpu_config_the_cpu_platform(config_
     env = plan.child_env(plan.trainer)
     if cpu:
         assert env["VERL_PLATFORM"] == "cpu"
-        assert env["VERL_USE_EXTERNAL_MODULES"] == "my.plugin,recipe.atropos.cpu"
+        assert env["VERL_USE_EXTERNAL_MODULES"] == "my.plugin,recipe.atropos.cpu,recipe.atropos.rendezvous"
     else:
-        assert "VERL_PLATFORM" not in env and env["VERL_USE_EXTERNAL_MODULES"] == "my.plugin"
+        assert "VERL_PLATFORM" not in env
+        assert env["VERL_USE_EXTERNAL_MODULES"] == "my.plugin,recipe.atropos.rendezvous"
     # Only the trainer: services and environments run without verl.
     for spec in plan.services:
         if spec is not plan.trainer:

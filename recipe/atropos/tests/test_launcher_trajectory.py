@@ -8,10 +8,12 @@ loopback-only wrapper (``../shared/bin/loopback-only``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -244,12 +246,23 @@ def test_real_trajectory_run_through_the_launcher_trains_two_steps(tmp_path, tin
         VERL_CPU_VAL_FILES=str(tiny_assets.test_file),
     )
     run_dir = tmp_path / "run"
-    result = subprocess.run(
+    launcher = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "recipe" / "atropos" / "launch_atropos_verl_services.py"),
          "--config", str(CONFIG), "--run-dir", str(run_dir),
          "trainer.total_training_steps=2", "+ray_kwargs.ray_init.include_dashboard=false"],
-        check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=380,
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
+    # Meanwhile: no process of the run (Ray's included) listens on every interface.
+    wide_open: set[tuple[str, str, int]] = set()
+    sampler = threading.Thread(target=_sample_wildcard_listeners, args=(launcher, wide_open), daemon=True)
+    sampler.start()
+    try:
+        stdout, stderr = launcher.communicate(timeout=380)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    sampler.join(timeout=10)
+    result = subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
     logs = "".join(
         f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(run_dir.glob("*.log"))
     )
@@ -261,3 +274,19 @@ def test_real_trajectory_run_through_the_launcher_trains_two_steps(tmp_path, tin
     assert err.index("run-api is healthy") < err.index("policy endpoint is healthy") < err.index("started env-gsm8k")
     for info in json.loads((run_dir / "services.json").read_text())["services"].values():
         assert is_gone(info["pid"])
+    assert not wide_open, f"listening on every interface during the run: {sorted(wide_open)}"
+
+
+def _sample_wildcard_listeners(launcher: subprocess.Popen, found: set) -> None:
+    """Until the launcher exits: (process name, address, port) of every TCP socket its descendants
+    listen on with a wildcard address."""
+    while launcher.poll() is None:
+        try:
+            pids = {p.pid: p for p in psutil.Process(launcher.pid).children(recursive=True)}
+            for conn in psutil.net_connections(kind="tcp"):
+                if conn.status == psutil.CONN_LISTEN and conn.pid in pids and conn.laddr.ip in ("0.0.0.0", "::", ""):
+                    with contextlib.suppress(psutil.Error):
+                        found.add((pids[conn.pid].name(), conn.laddr.ip, conn.laddr.port))
+        except psutil.Error:
+            pass
+        time.sleep(1)
