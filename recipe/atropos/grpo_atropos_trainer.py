@@ -100,6 +100,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             max_prompt_length=self.config.data.max_prompt_length,
             max_response_length=self.config.data.max_response_length,
             pad_token_id=self.tokenizer.pad_token_id,
+            vocab_size=len(self.tokenizer),  # an id beyond it costs its sample, not a worker's crash
         )
         # `fit()` generates through this attribute; validation keeps verl's own manager.
         self.async_rollout_manager = trajectory_rollout.TrajectoryRolloutManager(

@@ -34,6 +34,8 @@ Rules of the conversion (:func:`scored_groups_to_batch`):
   ``max_response_length`` is rejected (:class:`TrajectoryLengthError`, naming the group, sequence,
   env id and both lengths); nothing is truncated. So are malformed groups
   (:class:`TrajectoryFormatError`).
+- **Token ids** must be ints in [0, ``vocab_size``) when the limits carry the tokenizer's size: an
+  id the model has no embedding for would only fail inside a worker, and stop the run there.
 - **drop_malformed** (the trainer passes ``fallback_to_grpo``): instead of raising, a sequence that
   cannot be trained (tokens and masks that disagree, bad token ids, a non-finite score, over a
   limit, no response, or its group's lists of different lengths) keeps its row as a placeholder
@@ -70,7 +72,10 @@ if TYPE_CHECKING:  # verl is imported only by TrajectoryBatch.to_data_proto
 
 IGNORE_INDEX = -100
 # Why a sequence, or one of its optional fields, was dropped in drop_malformed mode.
-DROP_REASONS = ("group", "sequence", "score", "length", "no_response", "advantages", "inference_logprobs", "overrides")
+# token_id: an id >= vocab_size (negative or non-int ids are "sequence": not a token list at all);
+# batch: sequences of a whole GET /batch answer of the wrong size (trajectory_rollout.py).
+DROP_REASONS = ("group", "sequence", "token_id", "score", "length", "no_response", "advantages", "inference_logprobs",
+                "overrides", "batch")
 POLICY_STEP_KEY = "policy_step"
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -98,12 +103,14 @@ class TrajectoryLimits:
     ``data.max_response_length`` (= the rollout's prompt_length / response_length).
     pad_token_id: the tokenizer's pad id.
     pad_to_limits: pad to the limits (as verl's agent loop does); False: to the batch's longest.
+    vocab_size: ids must be below it (``len(tokenizer)``); None: not checked beyond the wire's range.
     """
 
     max_prompt_length: int
     max_response_length: int
     pad_token_id: int
     pad_to_limits: bool = True
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_prompt_length < 1 or self.max_response_length < 1:
@@ -111,6 +118,8 @@ class TrajectoryLimits:
                 f"max_prompt_length ({self.max_prompt_length}) and max_response_length "
                 f"({self.max_response_length}) must be at least 1"
             )
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be at least 1, got {self.vocab_size}")
 
 
 @dataclass(frozen=True)
@@ -486,6 +495,8 @@ def _drop_reason(exc: TrajectoryFormatError) -> str:
         return "length"
     if exc.field == "scores":
         return "score"
+    if exc.field == "token_id":
+        return "token_id"
     return "no_response" if "no response" in str(exc) else "sequence"
 
 
@@ -501,10 +512,16 @@ def _parse_sequence(group: Mapping[str, Any], g: int, i: int, limits: Trajectory
             group_index=g, sample_index=i, field="masks",
         )
     try:  # an id out of range would only fail inside the model's embedding, on a worker
-        token_id_array(seq)
+        ids = token_id_array(seq)
     except ValueError as exc:
         raise TrajectoryFormatError(f"{_where(group, g, i)}: tokens: {exc}", group_index=g, sample_index=i,
                                     field="tokens") from None
+    if limits.vocab_size is not None and ids.size and int(ids.max()) >= limits.vocab_size:
+        raise TrajectoryFormatError(
+            f"{_where(group, g, i)}: token id {int(ids.max())} is not in the tokenizer's vocabulary of "
+            f"{limits.vocab_size} (an environment tokenizing with another model's tokenizer?)",
+            group_index=g, sample_index=i, field="token_id",
+        )
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= _FLOAT32_MAX:
         raise TrajectoryFormatError(  # rm_scores is float32: beyond it is not finite either
             f"{_where(group, g, i)}: score {score!r} is not a finite number", group_index=g, sample_index=i,

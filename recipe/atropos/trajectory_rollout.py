@@ -78,6 +78,10 @@ class TrajectoryRolloutManager:
         self.poll_interval_s = poll_interval_s
         self.progress_interval_s = progress_interval_s
         self.last_metrics: dict[str, float] = {}
+        # Wrong-size /batch answers dropped (fallback on) while pulling the current step's batch.
+        self.dropped_batches = 0
+        self.dropped_batch_rows = 0
+        self._last_dropped_size: tuple[int, int] | None = None  # (sequences, groups)
         self._pending_groups: list[dict] | None = None
         self._registered = False
 
@@ -109,8 +113,7 @@ class TrajectoryRolloutManager:
         groups = self._pull_batch(len(gen_batch))
         wait_s = time.perf_counter() - start
         # With fallback on, a sequence (or group) that cannot be trained costs its rows only; counted.
-        drop = bool((self.config.trainer.get("atropos") or {}).get("fallback_to_grpo", True))
-        converted = scored_groups_to_batch(groups, self.limits, drop_malformed=drop)
+        converted = scored_groups_to_batch(groups, self.limits, drop_malformed=self.fallback)
         tensors = {k: v for k, v in converted.tensors().items() if k not in ("token_level_scores", "token_level_advantages", "advantage_override_mask")}
         if converted.token_level_advantages_BT is not None:
             tensors[OVERRIDES] = converted.token_level_advantages_BT
@@ -127,29 +130,44 @@ class TrajectoryRolloutManager:
             logger.warning("GET %s/status failed, staleness unknown this step: %s", self.client.api_url, exc)
             step = None
         self.last_metrics = {**trajectory_metrics(groups, current_step=step), **converted.dropped_metrics(),
-                             "atropos/wait_s": wait_s}
+                             "atropos/trajectory/dropped/batch": float(self.dropped_batch_rows), "atropos/wait_s": wait_s}
         return output
+
+    @property
+    def fallback(self) -> bool:
+        """trainer.atropos.fallback_to_grpo: what run-api hands over that cannot be trained is dropped
+        (counted), not a stop."""
+        return bool((self.config.trainer.get("atropos") or {}).get("fallback_to_grpo", True))
 
     def _pull_batch(self, num_rows: int) -> list[dict]:
         """One `/batch` answer of exactly `num_rows` sequences, waiting up to `batch_timeout_s`.
 
         Every `progress_interval_s` a line says what it waits for and what the environments and
         run-api report; a group size run-api can never pack into `num_rows` stops the run at once.
+        An answer of another size stops it too, or, with fallback on, is dropped (its sequences
+        counted in `dropped_batch_rows`) and the wait goes on.
         """
+        self.dropped_batches = self.dropped_batch_rows = 0
         start = time.monotonic()
         deadline = start + self.batch_timeout_s
         next_progress = start + self.progress_interval_s
         while True:
             groups, self._pending_groups = self._pending_groups or self.client.get_batch(), None
             if groups:
-                rows = sum(len(group["tokens"]) for group in groups)
-                if rows != num_rows:
-                    raise ValueError(
-                        f"the trajectory API sent a batch of {rows} sequences in {len(groups)} groups; this step needs "
-                        f"{num_rows} (data.train_batch_size x actor_rollout_ref.rollout.n, as registered)"
-                    )
-                _check_normalizable(groups)
-                return groups
+                rows = sum(_rows_of(group) for group in groups)
+                if rows == num_rows:
+                    _check_normalizable(groups)
+                    return groups
+                message = (
+                    f"the trajectory API sent a batch of {rows} sequences in {len(groups)} groups; this step needs "
+                    f"{num_rows} (data.train_batch_size x actor_rollout_ref.rollout.n, as registered)"
+                )
+                if not self.fallback:
+                    raise ValueError(message)
+                self.dropped_batches += 1
+                self.dropped_batch_rows += rows
+                self._last_dropped_size = (rows, len(groups))
+                logger.warning("%s: dropped, waiting for the next (trainer.atropos.fallback_to_grpo=true)", message)
             now = time.monotonic()
             if now >= deadline:
                 raise TrajectoryBatchTimeout(self._stuck_report(num_rows, now - start))
@@ -169,21 +187,37 @@ class TrajectoryRolloutManager:
 
     def _stuck_report(self, num_rows: int, waited_s: float) -> str:
         environments = env_diagnostics.environment_report(env_diagnostics.launcher_run_dir(), errors=5)
+        wrong_size = ""
+        if self.dropped_batches and self._last_dropped_size is not None:
+            rows, groups = self._last_dropped_size
+            wrong_size = (
+                f"It dropped {self.dropped_batches} answer(s) of another size (the last: {rows} sequences in {groups} "
+                "groups). run-api keeps the batch size of the first trainer that registered with it: restart "
+                "run-api if an earlier run (or another trainer) registered first.\n"
+            )
         return (
             f"no batch of {num_rows} sequences from {self.client.api_url} within {waited_s:.0f} s "
             f"(trainer.atropos.batch_timeout_s={self.batch_timeout_s:g}).\n"
-            f"{env_diagnostics.run_api_report(self.client.api_url)}\n"
+            + wrong_size
+            + f"{env_diagnostics.run_api_report(self.client.api_url)}\n"
             + (f"environments:\n{environments}\n" if environments else
                "The environments were not started by the launcher: look at their own logs.\n")
             + "Raise trainer.atropos.batch_timeout_s only if the environments are healthy but slow."
         )
 
 
+def _rows_of(group: Any) -> int:
+    """Sequences a group counts for (a malformed one: what its tokens list says, else 0; the
+    conversion then drops it)."""
+    tokens = group.get("tokens") if isinstance(group, dict) else None
+    return len(tokens) if isinstance(tokens, list) else 0
+
+
 def _check_normalizable(groups: list[dict]) -> None:
     """A group of one sequence without its own advantages is refused: GRPO normalizes a score against
     the other samples of its group, and verl's estimator would train on the raw score instead."""
     for g, group in enumerate(groups):
-        if len(group["tokens"]) == 1 and not group.get("advantages"):
+        if _rows_of(group) == 1 and not group.get("advantages"):
             raise TrajectoryGroupSizeError(
                 f"group {g} (env_id {group.get('env_id')}) has one sequence and no advantages: GRPO needs at least 2 "
                 "samples per group to normalize a score. Set the environment's --env.group_size >= 2, or send "
