@@ -34,31 +34,15 @@ _ACCEPT_COMPACT = f"{wire.MSGPACK}, {wire.JSON};q=0.5"
 class AtroposEnvironmentClient(RetryingClient):
     """Client of one environment service.
 
-    Args:
-        api_url: base URL, e.g. ``http://127.0.0.1:8100``.
-        timeout: seconds allowed for one HTTP request (connect and each read); cut to what is left
-            of ``max_wait_time``.
-        retry_attempts: most tries per call, the first included.
-        retry_delay: first backoff in seconds; doubles per retry, plus up to as much jitter.
-        max_wait_time: most seconds one call may take, requests and waits included.
-        api_key: sent as ``Authorization: Bearer <key>``.
+    Args: those of :class:`~recipe.atropos.http_retry.RetryingClient` (URL, timeouts, retries,
+    API key), and
         encoding: request bodies in ``"json"``, ``"msgpack"``, or ``"auto"``: msgpack once a health
             check saw the service advertise it and the request carries token arrays, JSON
             otherwise. Answers are decoded in whatever encoding the service chose.
     """
 
-    def __init__(
-        self,
-        api_url: str,
-        timeout: float = 30.0,
-        retry_attempts: int = 5,
-        retry_delay: float = 1.0,
-        max_wait_time: float = 120.0,
-        api_key: str | None = None,
-        *,
-        encoding: Encoding = "auto",
-    ) -> None:
-        super().__init__(api_url, timeout, retry_attempts, retry_delay, max_wait_time, api_key)
+    def __init__(self, *args: Any, encoding: Encoding = "auto", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if encoding not in ("auto", "json", "msgpack"):
             raise ValueError(f"encoding must be 'auto', 'json' or 'msgpack', got {encoding!r}")
         self.encoding: Encoding = encoding
