@@ -75,13 +75,27 @@ def run_ppo(config, task_runner_class) -> None:
         return _upstream_run_ppo(config, _OnDriverNode(task_runner_class))
 
 
+# The driver's variables with these prefixes go to the TaskRunner too (see _OnDriverNode).
+_DRIVER_ENV_PREFIXES = ("ATROPOS_",)
+
+
+def driver_env_vars(environ=os.environ) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k.startswith(_DRIVER_ENV_PREFIXES)}
+
+
 class _OnDriverNode:
-    """verl's TaskRunner actor class, placed on the node of the process that started the trainer.
+    """verl's TaskRunner actor class, placed on the node of the process that started the trainer,
+    with the recipe's settings from that process's environment.
 
     Missing seam: upstream's `run_ppo` creates the TaskRunner with `task_runner_class.remote()` and
     no placement, so on a multi-node cluster the trainer's loop (and with it the policy gateway of
     trajectory mode, which environments must find at a known address) may land on any node. Ray's
     NodeAffinitySchedulingStrategy keeps it on the driver's node, resolved once Ray is up.
+
+    An actor gets the environment of its node's raylet, i.e. of `ray start` when the cluster was
+    started before the driver (SLURM, any multi-node cluster), not the driver's: the ATROPOS_*
+    variables the launcher gives the trainer (the gateway's and the service's keys, taken out of
+    the config so that verl does not print them; the run folder) go along as runtime_env env_vars.
     """
 
     def __init__(self, actor_class):
@@ -93,7 +107,11 @@ class _OnDriverNode:
 
         node_id = ray.get_runtime_context().get_node_id()
         strategy = NodeAffinitySchedulingStrategy(node_id=node_id, soft=False)
-        return self._actor_class.options(scheduling_strategy=strategy, **kwargs)
+        runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+        env_vars = {**driver_env_vars(), **runtime_env.get("env_vars", {})}
+        if env_vars:
+            runtime_env["env_vars"] = env_vars
+        return self._actor_class.options(scheduling_strategy=strategy, runtime_env=runtime_env or None, **kwargs)
 
     def remote(self, *args, **kwargs):
         return self.options().remote(*args, **kwargs)
