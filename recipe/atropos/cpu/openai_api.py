@@ -30,9 +30,9 @@ from __future__ import annotations
 import argparse
 import time
 import uuid
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from pydantic import Field, ValidationError
 
 from recipe.atropos.cpu.hf_generation import FINISH_STOP, Completion, SamplingSettings
@@ -88,129 +88,146 @@ def _stops(fields: SamplingFields) -> list[str]:
     return [fields.stop] if isinstance(fields.stop, str) else list(fields.stop or [])
 
 
+router = APIRouter()
+
+
+def _service(raw: Request) -> PolicyService:
+    """The one object the handlers share: the app's policy service (``app.state.policy``)."""
+    return raw.app.state.policy
+
+
+Service = Annotated[PolicyService, Depends(_service)]
+
+
 def build_app(service: PolicyService) -> FastAPI:
     app = FastAPI(title="verl HF rollout (OpenAI-compatible)")
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "global_steps": service.global_steps, "weight_version": service.weight_version}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "verl-hf-rollout"}],
-        }
-
-    @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> dict[str, Any]:
-        if request.stream:
-            raise HTTPException(status_code=400, detail="stream=true is not supported")
-        if request.max_tokens == 0 and not request.echo:
-            raise HTTPException(status_code=400, detail="max_tokens=0 needs echo=true (scoring the prompt)")
-        prompts = _prompt_token_ids(service.tokenizer, request.prompt)
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise HTTPException(status_code=400, detail="empty prompt")
-        too_long = [len(p) for p in prompts if len(p) >= service.generator.max_model_len and request.max_tokens > 0]
-        if too_long:
-            raise HTTPException(
-                status_code=400,
-                detail=f"prompt of {too_long[0]} tokens fills the context ({service.generator.max_model_len})",
-            )
-        settings = _sampling_settings(request, top_logprobs=request.logprobs or 0)
-        stops = _stops(request)
-        choices = []
-        usage_completion = 0
-        for prompt_index, prompt in enumerate(prompts):
-            if request.max_tokens == 0:
-                samples = [Completion(token_ids=[], log_probs=[], finish_reason="length")] * request.n
-            else:
-                samples = await service.generate([prompt] * request.n, settings)
-            echo = await service.prompt_logprobs(prompt, request.logprobs or 0) if request.echo else None
-            for sample_index, sample in enumerate(samples):
-                sample = _cut_at_stop(service.tokenizer, sample, stops)
-                usage_completion += len(sample.token_ids)
-                choices.append(
-                    _choice(service.tokenizer, request, prompt_index * request.n + sample_index, prompt, sample, echo)
-                )
-        prompt_tokens = sum(len(p) for p in prompts)
-        return {
-            "id": f"cmpl-{uuid.uuid4().hex}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": request.model or service.model_name,
-            "choices": choices,
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": usage_completion,
-                "total_tokens": prompt_tokens + usage_completion,
-            },
-        }
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatCompletionRequest) -> dict[str, Any]:
-        if request.stream:
-            raise HTTPException(status_code=400, detail="stream=true is not supported")
-        prompt = _chat_prompt_token_ids(service.tokenizer, request)
-        room = service.generator.max_model_len - len(prompt)
-        if room < 1:
-            raise HTTPException(
-                status_code=400,
-                detail=f"the chat's prompt of {len(prompt)} tokens fills the context ({service.generator.max_model_len})",
-            )
-        wanted = request.max_completion_tokens or request.max_tokens or room
-        top_n = (request.top_logprobs or 0) if request.logprobs else 0
-        settings = _sampling_settings(request.model_copy(update={"max_tokens": min(wanted, room)}), top_logprobs=top_n)
-        stops = _stops(request)
-        samples = await service.generate([prompt] * request.n, settings)
-        samples = [_cut_at_stop(service.tokenizer, sample, stops) for sample in samples]
-        completion_tokens = sum(len(sample.token_ids) for sample in samples)
-        answer: dict[str, Any] = {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": request.model or service.model_name,
-            "choices": [_chat_choice(service.tokenizer, request, i, sample) for i, sample in enumerate(samples)],
-            "usage": {
-                "prompt_tokens": len(prompt),
-                "completion_tokens": completion_tokens,
-                "total_tokens": len(prompt) + completion_tokens,
-            },
-        }
-        if request.return_token_ids:
-            answer["prompt_token_ids"] = prompt
-        return answer
-
-    @app.post("/generate")
-    async def generate(raw: Request) -> dict[str, Any] | list[dict[str, Any]]:
-        try:
-            request = parse_generate_request(await raw.json())
-        except ValidationError as exc:
-            raise HTTPException(status_code=422, detail=exc.errors(include_url=False)) from exc
-        except ValueError as exc:
-            raise HTTPException(status_code=400, detail=str(exc)) from exc
-        prompt = request.prompt_token_ids
-        if prompt is None:
-            prompt = service.tokenizer(request.prompt_text)["input_ids"]
-        if not prompt:
-            raise HTTPException(status_code=400, detail="empty prompt")
-        if len(prompt) >= service.generator.max_model_len:
-            raise HTTPException(
-                status_code=400, detail=f"prompt of {len(prompt)} tokens fills the context ({service.generator.max_model_len})"
-            )
-        sampling = request.sampling
-        stops = _stops(sampling)
-        samples = await service.generate([prompt] * sampling.n, _sampling_settings(sampling))
-        samples = [_cut_at_stop(service.tokenizer, s, stops) for s in samples]
-        return request.answer(
-            prompt,
-            [
-                Sample(service.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s.log_probs, s.finish_reason)
-                for s in samples
-            ],
-        )
-
+    app.state.policy = service
+    app.include_router(router)
     return app
+
+
+@router.get("/health")
+async def health(service: Service) -> dict[str, Any]:
+    return {"status": "ok", "global_steps": service.global_steps, "weight_version": service.weight_version}
+
+
+@router.get("/v1/models")
+async def models(service: Service) -> dict[str, Any]:
+    return {
+        "object": "list",
+        "data": [{"id": service.model_name, "object": "model", "created": 0, "owned_by": "verl-hf-rollout"}],
+    }
+
+
+@router.post("/v1/completions")
+async def completions(request: CompletionRequest, service: Service) -> dict[str, Any]:
+    if request.stream:
+        raise HTTPException(status_code=400, detail="stream=true is not supported")
+    if request.max_tokens == 0 and not request.echo:
+        raise HTTPException(status_code=400, detail="max_tokens=0 needs echo=true (scoring the prompt)")
+    prompts = _prompt_token_ids(service.tokenizer, request.prompt)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise HTTPException(status_code=400, detail="empty prompt")
+    too_long = [len(p) for p in prompts if len(p) >= service.generator.max_model_len and request.max_tokens > 0]
+    if too_long:
+        raise HTTPException(
+            status_code=400,
+            detail=f"prompt of {too_long[0]} tokens fills the context ({service.generator.max_model_len})",
+        )
+    settings = _sampling_settings(request, top_logprobs=request.logprobs or 0)
+    stops = _stops(request)
+    choices = []
+    usage_completion = 0
+    for prompt_index, prompt in enumerate(prompts):
+        if request.max_tokens == 0:
+            samples = [Completion(token_ids=[], log_probs=[], finish_reason="length")] * request.n
+        else:
+            samples = await service.generate([prompt] * request.n, settings)
+        echo = await service.prompt_logprobs(prompt, request.logprobs or 0) if request.echo else None
+        for sample_index, sample in enumerate(samples):
+            sample = _cut_at_stop(service.tokenizer, sample, stops)
+            usage_completion += len(sample.token_ids)
+            choices.append(
+                _choice(service.tokenizer, request, prompt_index * request.n + sample_index, prompt, sample, echo)
+            )
+    prompt_tokens = sum(len(p) for p in prompts)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": request.model or service.model_name,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": usage_completion,
+            "total_tokens": prompt_tokens + usage_completion,
+        },
+    }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: ChatCompletionRequest, service: Service) -> dict[str, Any]:
+    if request.stream:
+        raise HTTPException(status_code=400, detail="stream=true is not supported")
+    prompt = _chat_prompt_token_ids(service.tokenizer, request)
+    room = service.generator.max_model_len - len(prompt)
+    if room < 1:
+        raise HTTPException(
+            status_code=400,
+            detail=f"the chat's prompt of {len(prompt)} tokens fills the context ({service.generator.max_model_len})",
+        )
+    wanted = request.max_completion_tokens or request.max_tokens or room
+    top_n = (request.top_logprobs or 0) if request.logprobs else 0
+    settings = _sampling_settings(request.model_copy(update={"max_tokens": min(wanted, room)}), top_logprobs=top_n)
+    stops = _stops(request)
+    samples = await service.generate([prompt] * request.n, settings)
+    samples = [_cut_at_stop(service.tokenizer, sample, stops) for sample in samples]
+    completion_tokens = sum(len(sample.token_ids) for sample in samples)
+    answer: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model or service.model_name,
+        "choices": [_chat_choice(service.tokenizer, request, i, sample) for i, sample in enumerate(samples)],
+        "usage": {
+            "prompt_tokens": len(prompt),
+            "completion_tokens": completion_tokens,
+            "total_tokens": len(prompt) + completion_tokens,
+        },
+    }
+    if request.return_token_ids:
+        answer["prompt_token_ids"] = prompt
+    return answer
+
+
+@router.post("/generate")
+async def generate(raw: Request, service: Service) -> dict[str, Any] | list[dict[str, Any]]:
+    try:
+        request = parse_generate_request(await raw.json())
+    except ValidationError as exc:
+        raise HTTPException(status_code=422, detail=exc.errors(include_url=False)) from exc
+    except ValueError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from exc
+    prompt = request.prompt_token_ids
+    if prompt is None:
+        prompt = service.tokenizer(request.prompt_text)["input_ids"]
+    if not prompt:
+        raise HTTPException(status_code=400, detail="empty prompt")
+    if len(prompt) >= service.generator.max_model_len:
+        raise HTTPException(
+            status_code=400, detail=f"prompt of {len(prompt)} tokens fills the context ({service.generator.max_model_len})"
+        )
+    sampling = request.sampling
+    stops = _stops(sampling)
+    samples = await service.generate([prompt] * sampling.n, _sampling_settings(sampling))
+    samples = [_cut_at_stop(service.tokenizer, s, stops) for s in samples]
+    return request.answer(
+        prompt,
+        [
+            Sample(service.tokenizer.decode(s.token_ids, skip_special_tokens=True), s.token_ids, s.log_probs, s.finish_reason)
+            for s in samples
+        ],
+    )
 
 
 def _prompt_token_ids(tokenizer: Any, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
