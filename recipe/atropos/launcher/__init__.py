@@ -6,7 +6,9 @@ one job per module:
 
 - :mod:`.config`: the ``launcher:`` section of a recipe config, read with Hydra's compose API and
   checked field by field.
-- :mod:`.plan`: the concrete commands, ports and order of one launch (also what ``--dry-run`` prints).
+- :mod:`.spec`: what a plan is made of (services, registrations, the policy endpoint, the plan).
+- :mod:`.plan`: the concrete commands, ports and order of one launch, built from the config.
+- :mod:`.dry_run`: what ``--dry-run`` prints of a plan.
 - :mod:`.process`: one child process in its own session, its log file, and killing its whole tree.
 - :mod:`.health`: port checks and waiting for ``/health``.
 - :mod:`.console`: echoing the services' log files to the console, prefixed.

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recipe.atropos.launcher.config import LauncherConfigError, load_launcher_config
+from recipe.atropos.launcher.dry_run import format_plan
 from recipe.atropos.launcher.health import LaunchError
-from recipe.atropos.launcher.plan import build_plan, format_plan
+from recipe.atropos.launcher.plan import build_plan
 
 __all__ = ["main", "build_parser"]
 

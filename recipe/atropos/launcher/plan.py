@@ -9,26 +9,30 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from recipe.atropos.config import API_KEY_ENV, POLICY_API_KEY_ENV, check_gateway_exposure
-from recipe.atropos.env_diagnostics import RUN_DIR_ENV
-from recipe.atropos.launcher.config import SECRET_KEYS, LauncherConfig, LauncherConfigError, override_key
+from recipe.atropos.launcher.config import (
+    SECRET_KEYS,
+    EnvironmentConfig,
+    LauncherConfig,
+    LauncherConfigError,
+    TrajectoryApiConfig,
+    override_key,
+)
+from recipe.atropos.launcher.spec import LaunchPlan, PolicyEndpoint, Registration, ServiceSpec, connect_host
+from recipe.atropos.trajectory.diagnostics import RUN_DIR_ENV
 
-__all__ = ["LaunchPlan", "PolicyEndpoint", "Registration", "ServiceSpec", "build_plan", "format_plan", "REPO_ROOT"]
+# The plan's parts are defined in .spec; named here too for the launcher's modules that import them from here.
+__all__ = ["LaunchPlan", "PolicyEndpoint", "Registration", "ServiceSpec", "build_plan", "connect_host", "REPO_ROOT"]
 
 # The repo root: its verl/ overlay must come first on every child's sys.path.
 REPO_ROOT = Path(__file__).resolve().parents[3]
 
-# Environment variables whose values the plan never prints.
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.IGNORECASE)
-_WILDCARD_HOSTS = {"", "0.0.0.0", "::"}
 # What {policy_api_key} becomes when no key is set (vLLM's word for "no key"; a gateway without a
 # key ignores what clients send).
 NO_POLICY_KEY = "EMPTY"
@@ -46,109 +50,6 @@ RENDEZVOUS_INIT_METHOD = "atropos-env://"
 # Where the trainer reads each secret of its own config from when the config leaves it null
 # (recipe/atropos/config.py).
 _TRAINER_SECRET_ENV = {"trainer.atropos.api_key": API_KEY_ENV, "trainer.atropos.policy_api_key": POLICY_API_KEY_ENV}
-
-
-@dataclass(frozen=True)
-class ServiceSpec:
-    """One process to start. ``health_url`` None: nothing to wait for (the trainer)."""
-
-    name: str
-    role: str  # "environment", "inference", "trainer", "trajectory_api" or "atropos_env"
-    argv: tuple[str, ...]
-    env: dict[str, str] = field(default_factory=dict)  # added to the launcher's environment
-    host: str | None = None
-    port: int | None = None
-    health_url: str | None = None
-    start_timeout_s: float = 0.0
-    config_key: str = ""  # where it is configured, for error messages
-    cwd: str | None = None  # working directory; None: the plan's workdir
-    secrets: tuple[str, ...] = ()  # values never printed (dry run, log headers): shown as ***
-
-    def shown(self, text: str) -> str:
-        """``text`` with this service's secrets replaced by ``***`` (a secret shorter than 4
-        characters only as a whole word: masking every 'x' would garble the line)."""
-        for secret in sorted(self.secrets, key=len, reverse=True):
-            if text == secret:
-                return "***"
-            if len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
-
-    def shown_argv(self) -> str:
-        """The command as a shell line, secrets masked (log headers, the dry run)."""
-        return shlex.join(self.shown(word) for word in self.argv)
-
-    @property
-    def base_url(self) -> str | None:
-        """``http://host:port`` that clients on this machine use (a wildcard bind becomes loopback)."""
-        if self.port is None or self.host is None:
-            return None
-        return f"http://{connect_host(self.host)}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Registration:
-    """One ``POST /register_inference_endpoint`` made after the workers are healthy."""
-
-    worker: str
-    base_url: str
-    model: str
-    api_key: str | None = None
-
-
-@dataclass(frozen=True)
-class PolicyEndpoint:
-    """Trajectory mode: the trainer's policy endpoint, waited for before the environments start."""
-
-    base_url: str  # what environments get as {policy_base_url} (usually ends in /v1)
-    health_url: str  # GET {base_url without /v1}{health_path}
-    host: str
-    port: int | None
-    start_timeout_s: float
-    model: str
-    tokenizer: str
-
-
-@dataclass(frozen=True)
-class LaunchPlan:
-    """Everything a launch does, in order.
-
-    evaluate mode: environment service, inference workers, registrations, trainer.
-    trajectory mode: run-api, trainer, (the trainer's policy endpoint answers) environments.
-    """
-
-    config: LauncherConfig
-    config_file: Path
-    run_dir: Path
-    workdir: Path
-    environment: ServiceSpec | None
-    inference: tuple[ServiceSpec, ...]
-    registrations: tuple[Registration, ...]
-    trainer: ServiceSpec
-    env_api_key: str | None
-    base_env: dict[str, str]
-    mode: str = "evaluate"
-    trajectory_api: ServiceSpec | None = None
-    policy: PolicyEndpoint | None = None
-    environments: tuple[ServiceSpec, ...] = ()
-
-    @property
-    def services(self) -> tuple[ServiceSpec, ...]:
-        """In start order."""
-        if self.mode == "trajectory":
-            return (*([self.trajectory_api] if self.trajectory_api else []), self.trainer, *self.environments)
-        return (*([self.environment] if self.environment else []), *self.inference, self.trainer)
-
-    def child_env(self, spec: ServiceSpec) -> dict[str, str]:
-        """The full environment of ``spec``'s process."""
-        return {**self.base_env, **spec.env}
-
-
-def connect_host(host: str) -> str:
-    """Address to reach a server bound to ``host`` from this machine (wildcards: loopback)."""
-    if host in _WILDCARD_HOSTS:
-        return "127.0.0.1"
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def build_plan(
@@ -172,23 +73,42 @@ def build_plan(
         "config_dir": str(config_file.parent),
         "config_name": config_file.stem,
     }
+    plan = _trajectory_plan if cfg.mode == "trajectory" else _evaluate_plan
+    return plan(cfg, config_file, overrides, run_dir, workdir, common, environ)
 
-    if cfg.mode == "trajectory":
-        return _trajectory_plan(cfg, config_file, overrides, run_dir, workdir, common, environ)
 
+def _server(
+    name: str, role: str, section: EnvironmentConfig | TrajectoryApiConfig, common: Mapping[str, str], config_key: str,
+    env: dict[str, str],
+) -> ServiceSpec:
+    """A server the launcher waits for: ``section``'s command, bind address and health path."""
+    return ServiceSpec(
+        name=name,
+        role=role,
+        argv=_expand(section.command, {**common, "host": section.host, "port": str(section.port)}),
+        env=env,
+        host=section.host,
+        port=section.port,
+        health_url=f"http://{connect_host(section.host)}:{section.port}{section.health_path}",
+        start_timeout_s=section.start_timeout_s,
+        config_key=config_key,
+    )
+
+
+def _evaluate_plan(
+    cfg: LauncherConfig,
+    config_file: Path,
+    overrides: Sequence[str],
+    run_dir: Path,
+    workdir: Path,
+    common: Mapping[str, str],
+    environ: Mapping[str, str],
+) -> LaunchPlan:
+    """Evaluate mode: the environment service, inference workers and their registrations, the trainer."""
     env_cfg = cfg.environment
     api_key = env_cfg.api_key or environ.get("ATROPOS_ENV_API_KEY") or environ.get("ATROPOS_API_KEY") or None
-    environment = ServiceSpec(
-        name="environment",
-        role="environment",
-        argv=_expand(env_cfg.command, {**common, "host": env_cfg.host, "port": str(env_cfg.port)}),
-        env={**env_cfg.env, **({"ATROPOS_ENV_API_KEY": api_key} if api_key else {})},
-        host=env_cfg.host,
-        port=env_cfg.port,
-        health_url=f"http://{connect_host(env_cfg.host)}:{env_cfg.port}{env_cfg.health_path}",
-        start_timeout_s=env_cfg.start_timeout_s,
-        config_key="launcher.environment",
-    )
+    env = {**env_cfg.env, **({"ATROPOS_ENV_API_KEY": api_key} if api_key else {})}
+    environment = _server("environment", "environment", env_cfg, common, "launcher.environment", env)
 
     inference, registrations = _inference_services(cfg, common)
 
@@ -232,28 +152,15 @@ def _trajectory_plan(
 ) -> LaunchPlan:
     """Trajectory mode: run-api, the trainer pointed at it, then the Atropos environments."""
     api_cfg = cfg.trajectory_api
-    trajectory_api = ServiceSpec(
-        name="run-api",
-        role="trajectory_api",
-        argv=_expand(api_cfg.command, {**common, "host": api_cfg.host, "port": str(api_cfg.port)}),
-        env=dict(api_cfg.env),
-        host=api_cfg.host,
-        port=api_cfg.port,
-        health_url=f"http://{connect_host(api_cfg.host)}:{api_cfg.port}{api_cfg.health_path}",
-        start_timeout_s=api_cfg.start_timeout_s,
-        config_key="launcher.trajectory_api",
-    )
-    trainer_cfg = cfg.trainer
+    trajectory_api = _server("run-api", "trajectory_api", api_cfg, common, "launcher.trajectory_api", dict(api_cfg.env))
     trainer_argv = _trainer_argv(cfg, config_file, overrides, common)
-    key = trainer_cfg.trajectory_api_url_override
+    key = cfg.trainer.trajectory_api_url_override
     trajectory_api_url = trajectory_api.base_url or ""
     given = [o for o in overrides if key and override_key(o) == key and "=" in o]
     if given:  # the user's URL: the environments push where the trainer pulls
         trajectory_api_url = given[-1].split("=", 1)[1].strip("'\"")
     elif key:
         trainer_argv.append(f"{key}={trajectory_api_url}")
-    # The run folder: a trainer waiting for batches reports what the environments logged there.
-    trainer_env = {RUN_DIR_ENV: str(run_dir), **trainer_cfg.env, **_verl_env(cfg, environ), **_trainer_secret_env(cfg)}
     # The gateway's key: the trainer reads it from its environment, the environments get it as
     # {policy_api_key} (their clients send it as the bearer key) and in their environment.
     policy_key = cfg.config_secrets.get("trainer.atropos.policy_api_key") or environ.get(POLICY_API_KEY_ENV) or None
@@ -261,27 +168,57 @@ def _trajectory_plan(
         check_gateway_exposure(cfg.policy_gateway_host, policy_key)
     except ValueError as exc:
         raise LauncherConfigError(str(exc)) from exc
-    if policy_key:
-        trainer_env[POLICY_API_KEY_ENV] = policy_key
-    secrets = _secrets(cfg, policy_key)
-    trainer = ServiceSpec(
-        name="trainer", role="trainer", argv=tuple(trainer_argv), env=trainer_env, config_key="launcher.trainer",
-        secrets=secrets,
+    trainer = _trajectory_trainer(cfg, trainer_argv, run_dir, environ, policy_key)
+    policy = _policy_endpoint(cfg)
+    values = {
+        **common,
+        "policy_base_url": policy.base_url,
+        "trajectory_api_url": trajectory_api_url,
+        "model": policy.model,
+        "tokenizer": policy.tokenizer,
+        "policy_api_key": policy_key or NO_POLICY_KEY,
+    }
+    environments = _atropos_environments(cfg, values, workdir, policy_key, trainer.secrets)
+    _check_ports_distinct([trajectory_api, *trajectory_ports_to_check(policy)])
+    return LaunchPlan(
+        config=cfg,
+        config_file=config_file,
+        run_dir=run_dir,
+        workdir=workdir,
+        environment=None,
+        inference=(),
+        registrations=(),
+        trainer=trainer,
+        env_api_key=None,
+        base_env=_base_env(environ),
+        mode="trajectory",
+        trajectory_api=trajectory_api,
+        policy=policy,
+        environments=environments,
     )
 
-    policy = _policy_endpoint(cfg)
+
+def _trajectory_trainer(
+    cfg: LauncherConfig, argv: Sequence[str], run_dir: Path, environ: Mapping[str, str], policy_key: str | None
+) -> ServiceSpec:
+    """The trainer of trajectory mode, with the run folder and the gateway's key in its environment."""
+    # The run folder: a trainer waiting for batches reports what the environments logged there.
+    env = {RUN_DIR_ENV: str(run_dir), **cfg.trainer.env, **_verl_env(cfg, environ), **_trainer_secret_env(cfg)}
+    if policy_key:
+        env[POLICY_API_KEY_ENV] = policy_key
+    return ServiceSpec(
+        name="trainer", role="trainer", argv=tuple(argv), env=env, config_key="launcher.trainer",
+        secrets=_secrets(cfg, policy_key),
+    )
+
+
+def _atropos_environments(
+    cfg: LauncherConfig, common: Mapping[str, str], workdir: Path, policy_key: str | None, secrets: tuple[str, ...]
+) -> tuple[ServiceSpec, ...]:
+    """launcher.environments as processes, their placeholders filled from ``common`` (at least one)."""
     environments = []
     for index, env_cfg in enumerate(cfg.environments):
-        values = {
-            **common,
-            "name": env_cfg.name,
-            "index": str(index),
-            "policy_base_url": policy.base_url,
-            "trajectory_api_url": trajectory_api_url,
-            "model": policy.model,
-            "tokenizer": policy.tokenizer,
-            "policy_api_key": policy_key or NO_POLICY_KEY,
-        }
+        values = {**common, "name": env_cfg.name, "index": str(index)}
         argv = _expand(env_cfg.command, values)
         cwd = (workdir / _fill(env_cfg.workdir, values)).resolve() if env_cfg.workdir else None
         if cwd is not None and not cwd.is_dir():
@@ -308,23 +245,7 @@ def _trajectory_plan(
             "trainer.atropos.mode=trajectory but launcher.environments is empty: nothing would generate batches "
             "(see recipe/atropos/config/gsm8k_trajectory_cpu.yaml)"
         )
-    _check_ports_distinct([trajectory_api, *trajectory_ports_to_check(policy)])
-    return LaunchPlan(
-        config=cfg,
-        config_file=config_file,
-        run_dir=run_dir,
-        workdir=workdir,
-        environment=None,
-        inference=(),
-        registrations=(),
-        trainer=trainer,
-        env_api_key=None,
-        base_env=_base_env(environ),
-        mode="trajectory",
-        trajectory_api=trajectory_api,
-        policy=policy,
-        environments=tuple(environments),
-    )
+    return tuple(environments)
 
 
 _LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
@@ -529,65 +450,3 @@ def _check_ports_distinct(services: Sequence[ServiceSpec]) -> None:
                 f"{spec.name} ({spec.config_key})"
             )
         seen[spec.port] = spec
-
-
-def format_plan(plan: LaunchPlan) -> str:
-    """What ``--dry-run`` prints: the order, each command, its port and health URL, the logs."""
-    lines = [
-        f"config:  {plan.config_file}",
-        f"run dir: {plan.run_dir}  (one <service>.log per service; not created by --dry-run)",
-        f"workdir: {plan.workdir}",
-        "",
-    ]
-    step = 0
-
-    def describe(spec: ServiceSpec, what: str) -> None:
-        nonlocal step
-        step += 1
-        lines.append(f"{step}. start {spec.name} ({what})")
-        lines.append(f"   command: {spec.shown_argv()}")
-        if spec.cwd:
-            lines.append(f"   cwd:     {spec.cwd}")
-        if spec.env:
-            shown = {k: ("***" if _SECRET_NAME.search(k) else spec.shown(v)) for k, v in sorted(spec.env.items())}
-            lines.append("   env:     " + " ".join(f"{k}={shlex.quote(v)}" for k, v in shown.items()))
-        if spec.port is not None:
-            lines.append(f"   listens: {spec.host}:{spec.port}")
-        if spec.health_url:
-            lines.append(f"   wait:    GET {spec.health_url} answers 200 (timeout {spec.start_timeout_s:g} s)")
-        lines.append(f"   log:     {plan.run_dir / (spec.name + '.log')}")
-
-    if plan.mode == "trajectory":
-        lines.insert(3, "mode:    trajectory (trainer.atropos.mode): run-api, trainer, then the environments")
-        describe(plan.trajectory_api, "atroposlib trajectory API; its exit ends the run")  # type: ignore[arg-type]
-        describe(plan.trainer, "its exit ends the run with its exit code")
-        policy = plan.policy
-        assert policy is not None
-        step += 1
-        lines.append(f"{step}. wait for the trainer's policy endpoint {policy.base_url}")
-        lines.append(f"   wait:    GET {policy.health_url} answers 200 (timeout {policy.start_timeout_s:g} s)")
-        for env_cfg, spec in zip(plan.config.environments, plan.environments, strict=True):
-            describe(
-                spec,
-                f"Atropos environment; restarted up to {env_cfg.max_restarts} time(s) in a row if it dies, "
-                f"backoff {env_cfg.restart_backoff_s:g} s doubling",
-            )
-        return "\n".join(lines)
-
-    env_cfg = plan.config.environment
-    assert plan.environment is not None
-    describe(
-        plan.environment,
-        f"restarted up to {env_cfg.max_restarts} time(s) in a row if it dies, "
-        f"backoff {env_cfg.restart_backoff_s:g} s doubling",
-    )
-    for worker in plan.inference:
-        describe(worker, "inference worker; its exit ends the run")
-    for reg in plan.registrations:
-        step += 1
-        lines.append(
-            f"{step}. POST {plan.environment.base_url}/register_inference_endpoint "
-            f"base_url={reg.base_url} model={reg.model} (404: not supported, go on)"
-        )
-    describe(plan.trainer, "its exit ends the run with its exit code")
-    return "\n".join(lines)
