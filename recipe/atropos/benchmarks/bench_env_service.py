@@ -282,7 +282,7 @@ def print_slow_neighbour(repeats: int) -> None:
     print(f"the slow request itself:          {result['slow_s'] * 1e3:9.1f} ms")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1024, help="samples per request (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=2048, help="response tokens per sample (default: %(default)s)")
@@ -292,26 +292,54 @@ def main(argv: list[str] | None = None) -> int:
         "--section", choices=["all", "throughput", "stall"], default="all", help="what to measure (default: %(default)s)"
     )
     parser.add_argument("--naive-server", type=int, metavar="PORT", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.naive_server:
-        run_naive_server(args.naive_server)
-        return 0
-    if args.section == "stall":
-        print(f"# environment service benchmark: slow neighbour, {os.cpu_count()} CPUs")
-        print_slow_neighbour(args.repeats)
-        return 0
+    return parser
 
+
+def _http_scoring_s(url: str, samples: int, repeats: int) -> float:
+    """Median seconds to score through the service: text only, JSON both ways, a fresh batch (cold
+    caches) each time."""
     import requests
 
+    fresh = iter(range(1, 1000))
+    with requests.Session() as session:
+
+        def score_over_http() -> Any:
+            text_only = make_batch(samples, 0, seed=next(fresh))
+            del text_only["token_ids"]
+            start = time.perf_counter()
+            answer = session.post(url + EVALUATE, data=wire.encode(text_only), headers={"Content-Type": wire.JSON})
+            answer.raise_for_status()
+            return time.perf_counter() - start
+
+        return statistics.median(score_over_http() for _ in range(repeats + 1))
+
+
+def _client_round_trips(
+    url: str, batch: dict[str, Any], repeats: int
+) -> tuple[list[tuple[str, float]], dict[str, Any]]:
+    """Timed round trips through client.py (msgpack and JSON), or a minimal msgpack one without it."""
+    rows: list[tuple[str, float]] = []
+    results: dict[str, list[np.ndarray]] = {}
+    try:
+        from recipe.atropos.evaluate.client import AtroposEnvironmentClient
+
+        for encoding in ("msgpack", "json"):
+            with AtroposEnvironmentClient(url, timeout=600, max_wait_time=1200, encoding=encoding) as client:
+                seconds, results[encoding] = timed(lambda c=client: client_round_trip(c, batch), repeats)
+            rows.append((f"this service, client.py, {encoding}", seconds))
+    except ImportError as exc:
+        import requests
+
+        print(f"(client.py not importable: {exc}; using a minimal msgpack round trip)")
+        with requests.Session() as session:
+            seconds, results["msgpack"] = timed(lambda: minimal_msgpack_round_trip(session, url, batch), repeats)
+        rows.append(("this service, requests + msgpack", seconds))
+    return rows, results
+
+
+def print_round_trips(args: argparse.Namespace, batch: dict[str, Any]) -> tuple[float, float]:
+    """The service against the naive baseline server, both started here; (fastest, baseline) seconds."""
     from recipe.atropos.tests.servers import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
-
-    batch = make_batch(args.samples, args.tokens)
-    print(f"# environment service benchmark: {args.samples} samples x {args.tokens} tokens, {os.cpu_count()} CPUs")
-
-    scoring = bench_scoring(batch)
-    print("\n## GSM8K scoring throughput (in process, env.score)")
-    print(f"cold caches: {args.samples / scoring['cold_s']:10.0f} responses/s  ({scoring['cold_s'] * 1e3:.1f} ms)")
-    print(f"warm caches: {args.samples / scoring['warm_s']:10.0f} responses/s  ({scoring['warm_s'] * 1e3:.1f} ms)")
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     fast_port, naive_port = find_free_loopback_port(), find_free_loopback_port()
@@ -321,36 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     with ServerProcess(fast_argv, port=fast_port, env=env).start(120) as fast, ServerProcess(
         naive_argv, port=naive_port, env=env
     ).start(120) as naive:
-        # Scoring through the service: text only, JSON both ways, a fresh batch (cold caches) each time.
-        fresh = iter(range(1, 1000))
-        with requests.Session() as session:
-
-            def score_over_http() -> Any:
-                text_only = make_batch(args.samples, 0, seed=next(fresh))
-                del text_only["token_ids"]
-                start = time.perf_counter()
-                answer = session.post(fast.url + EVALUATE, data=wire.encode(text_only), headers={"Content-Type": wire.JSON})
-                answer.raise_for_status()
-                return time.perf_counter() - start
-
-            http_s = statistics.median(score_over_http() for _ in range(args.repeats + 1))
+        http_s = _http_scoring_s(fast.url, args.samples, args.repeats)
         print(f"via service: {args.samples / http_s:10.0f} responses/s  ({http_s * 1e3:.1f} ms, HTTP + JSON, cold caches)")
 
         print(f"\n## round trip: {args.samples} x {args.tokens} tokens, token-level advantages, client + service")
-        rows: list[tuple[str, float]] = []
-        results: dict[str, list[np.ndarray]] = {}
-        try:
-            from recipe.atropos.evaluate.client import AtroposEnvironmentClient
-
-            for encoding in ("msgpack", "json"):
-                with AtroposEnvironmentClient(fast.url, timeout=600, max_wait_time=1200, encoding=encoding) as client:
-                    seconds, results[encoding] = timed(lambda c=client: client_round_trip(c, batch), args.repeats)
-                rows.append((f"this service, client.py, {encoding}", seconds))
-        except ImportError as exc:
-            print(f"(client.py not importable: {exc}; using a minimal msgpack round trip)")
-            with requests.Session() as session:
-                seconds, results["msgpack"] = timed(lambda: minimal_msgpack_round_trip(session, fast.url, batch), args.repeats)
-            rows.append(("this service, requests + msgpack", seconds))
+        rows, results = _client_round_trips(fast.url, batch, args.repeats)
         baseline_s, results["naive"] = timed(lambda: naive_round_trip(naive.url, batch), args.baseline_repeats)
         rows.append(("naive baseline: stdlib json + pydantic lists", baseline_s))
 
@@ -359,8 +362,28 @@ def main(argv: list[str] | None = None) -> int:
             np.testing.assert_allclose(np.asarray(mine, dtype=np.float32), reference, rtol=1e-6, atol=1e-6, err_msg=name)
     for name, seconds in rows:
         print(f"{name:48s} {seconds * 1e3:9.1f} ms   {seconds / baseline_s:6.3f} x baseline")
+    return min(seconds for name, seconds in rows if not name.startswith("naive")), baseline_s
 
-    fastest = min(seconds for name, seconds in rows if not name.startswith("naive"))
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.naive_server:
+        run_naive_server(args.naive_server)
+        return 0
+    if args.section == "stall":
+        print(f"# environment service benchmark: slow neighbour, {os.cpu_count()} CPUs")
+        print_slow_neighbour(args.repeats)
+        return 0
+
+    batch = make_batch(args.samples, args.tokens)
+    print(f"# environment service benchmark: {args.samples} samples x {args.tokens} tokens, {os.cpu_count()} CPUs")
+
+    scoring = bench_scoring(batch)
+    print("\n## GSM8K scoring throughput (in process, env.score)")
+    print(f"cold caches: {args.samples / scoring['cold_s']:10.0f} responses/s  ({scoring['cold_s'] * 1e3:.1f} ms)")
+    print(f"warm caches: {args.samples / scoring['warm_s']:10.0f} responses/s  ({scoring['warm_s'] * 1e3:.1f} ms)")
+
+    fastest, baseline_s = print_round_trips(args, batch)
     throughput = args.samples / scoring["cold_s"]
     print("\n## targets")
     print(f"scoring >= 1000 responses/s: {throughput:.0f}/s -> {'met' if throughput >= 1000 else 'MISSED'}")
@@ -368,7 +391,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.section == "all":
         print_slow_neighbour(args.repeats)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
