@@ -3,7 +3,7 @@ their errors, and the computer that turns an environment's answer into GRPO adva
 
     from recipe.atropos.atropos_integration import AtroposEnvironmentClient, AtroposGRPOComputer
 
-Each piece lives in a module of its own (evaluate/client.py, runapi_client.py, errors.py,
+Each piece lives in a module of its own (evaluate/client.py, trajectory/runapi_client.py, errors.py,
 datatypes.py, grpo_computer.py, environments/advantages.py).
 """
 
@@ -12,7 +12,7 @@ from recipe.atropos.datatypes import ClientStats, EvaluationResult, InvalidSampl
 from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError, AtroposUnavailableError
 from recipe.atropos.evaluate.client import AtroposEnvironmentClient
 from recipe.atropos.grpo_computer import AdvantageOutput, AdvantageOverrides, AtroposGRPOComputer, advantage_metrics
-from recipe.atropos.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 
 __all__ = [
     "AdvantageOutput",

@@ -32,13 +32,14 @@ from omegaconf import open_dict
 from verl import DataProto
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
-from recipe.atropos import gated_checkpoint_manager, trajectory_rollout
-from recipe.atropos.runapi_client import AtroposRunAPIClient
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.evaluate.feedback import EnvironmentFeedback
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.policy_gateway import PolicyGateway, check_port_free
-from recipe.atropos.trajectory import TrajectoryLimits
+from recipe.atropos.trajectory import rollout as trajectory_rollout
+from recipe.atropos.trajectory import weight_sync as gated_checkpoint_manager
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.scored_data import TrajectoryLimits
 
 
 class RayGRPOAtroposTrainer(RayPPOTrainer):

@@ -4,7 +4,7 @@ It samples a group of answers per problem through an inference server, scores th
 this repo's evaluate-mode GSM8K environment does (``recipe/atropos/environments/gsm8k.py``:
 the last ``\\boxed{}`` or ``####`` answer against the reference; 1.0 correct, 0.0 otherwise), and
 pushes ``ScoredData`` groups to atroposlib's trajectory API (``run-api``), where a trainer pulls
-them (``recipe/atropos/trajectory.py`` converts them into a verl batch).
+them (``recipe/atropos/trajectory/scored_data.py`` converts them into a verl batch).
 
 - **Data:** a local parquet in verl's RL format (``prompt`` = chat messages,
   ``reward_model.ground_truth``), as ``recipe/atropos/prepare_gsm8k.py`` and
@@ -48,7 +48,7 @@ from pydantic import Field  # noqa: E402
 
 from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np  # noqa: E402
 from recipe.atropos.environments.gsm8k_answers import AnswerMatcher, extract_answer, reference_answer  # noqa: E402
-from recipe.atropos.trajectory import IGNORE_INDEX, POLICY_STEP_KEY  # noqa: E402
+from recipe.atropos.trajectory.scored_data import IGNORE_INDEX, POLICY_STEP_KEY  # noqa: E402
 
 DEFAULT_ASSETS = "outputs/assets"  # what `python -m recipe.atropos.tiny_assets --out outputs/assets` writes
 

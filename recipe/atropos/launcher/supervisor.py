@@ -182,7 +182,7 @@ class Launcher:
 
     def _report_environments(self, trainer: ManagedProcess) -> None:
         """After a failed trajectory run: the trainer's error and what each environment logged."""
-        from recipe.atropos.env_diagnostics import environment_report, error_lines
+        from recipe.atropos.trajectory.diagnostics import environment_report, error_lines
 
         trainer_errors = error_lines(trainer.log_path, limit=3)
         logger.error(

@@ -25,7 +25,7 @@ from recipe.atropos.run_report import read_steps
 from recipe.atropos.tests.chat_env_tokenize import ramp
 from recipe.atropos.tests.conftest import PYTHON, REPO_ROOT, repo_env
 from recipe.atropos.tests.servers import find_free_loopback_port, start_cpu_policy_server
-from recipe.atropos.trajectory_rollout import TrajectoryGroupSizeError, _check_normalizable, check_group_size
+from recipe.atropos.trajectory.rollout import TrajectoryGroupSizeError, _check_normalizable, check_group_size
 
 CONFIG = REPO_ROOT / "recipe" / "atropos" / "config" / "gsm8k_trajectory_cpu.yaml"
 LAUNCHER = REPO_ROOT / "recipe" / "atropos" / "launch_atropos_verl_services.py"

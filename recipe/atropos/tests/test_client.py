@@ -21,7 +21,7 @@ from recipe.atropos import protocol, wire
 from recipe.atropos.datatypes import EvaluationResult, InvalidSample, TrajectoryInfo, TrajectoryStatus
 from recipe.atropos.errors import AtroposAPIError, AtroposProtocolError, AtroposRequestError, AtroposUnavailableError
 from recipe.atropos.evaluate.client import AtroposEnvironmentClient
-from recipe.atropos.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.tests.fault_server import Fault, FaultInjectingServer
 from recipe.atropos.tests.servers import (
     REPO_ROOT,

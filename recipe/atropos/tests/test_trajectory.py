@@ -1,4 +1,4 @@
-"""ScoredData groups from atroposlib's trajectory API -> verl batch tensors (recipe/atropos/trajectory.py)."""
+"""ScoredData groups from atroposlib's trajectory API -> verl batch tensors (recipe/atropos/trajectory/scored_data.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recipe.atropos.trajectory import (
+from recipe.atropos.trajectory.scored_data import (
     TrajectoryFormatError,
     TrajectoryLengthError,
     TrajectoryLimits,

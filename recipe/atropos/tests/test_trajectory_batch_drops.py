@@ -15,10 +15,10 @@ import requests
 import torch
 from omegaconf import OmegaConf
 
-from recipe.atropos.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.tests.servers import start_atropos_run_api
-from recipe.atropos.trajectory import TrajectoryFormatError, TrajectoryLimits, scored_groups_to_batch
-from recipe.atropos.trajectory_rollout import TrajectoryBatchTimeout, TrajectoryRolloutManager
+from recipe.atropos.trajectory.scored_data import TrajectoryFormatError, TrajectoryLimits, scored_groups_to_batch
+from recipe.atropos.trajectory.rollout import TrajectoryBatchTimeout, TrajectoryRolloutManager
 
 M = -100
 VOCAB = 64

@@ -14,9 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recipe.atropos.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
-from recipe.atropos.trajectory import (
+from recipe.atropos.trajectory.scored_data import (
     DROP_REASONS,
     TrajectoryFormatError,
     TrajectoryLimits,

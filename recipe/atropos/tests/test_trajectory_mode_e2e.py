@@ -13,7 +13,7 @@ import psutil
 import pytest
 import requests
 
-from recipe.atropos.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.run_report import read_steps
 
 from .conftest import PYTHON, REPO_ROOT, repo_env

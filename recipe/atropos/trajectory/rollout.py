@@ -3,7 +3,7 @@
 Atropos environments generate through the policy's inference endpoints, score, and push
 `ScoredData` groups to atroposlib's `run-api`. `TrajectoryRolloutManager` takes the place of
 verl's agent-loop manager in `fit()`: its `generate_sequences` pulls one full batch from `/batch`
-(bounded wait, with progress), converts it (recipe/atropos/trajectory.py) and hands verl the
+(bounded wait, with progress), converts it (recipe/atropos/trajectory/scored_data.py) and hands verl the
 tensors it expects after generation. Validation still generates with verl's own manager.
 """
 
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from recipe.atropos import env_diagnostics
 from recipe.atropos.errors import AtroposAPIError
-from recipe.atropos.runapi_client import AtroposRunAPIClient
-from recipe.atropos.trajectory import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
+from recipe.atropos.trajectory import diagnostics
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.scored_data import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
 from verl import DataProto
 
 logger = logging.getLogger("verl.recipe.atropos")
@@ -172,21 +172,21 @@ class TrajectoryRolloutManager:
             if now >= deadline:
                 raise TrajectoryBatchTimeout(self._stuck_report(num_rows, now - start))
             if now >= next_progress:
-                last = env_diagnostics.last_group_size(self.client.api_url)
+                last = diagnostics.last_group_size(self.client.api_url)
                 if last is not None:
                     check_group_size(last[0], num_rows, env_id=last[1])
                 logger.warning(
                     "waiting for a batch of %d sequences from %s: %.0f s of %.0f s (trainer.atropos.batch_timeout_s); "
                     "%s\n%s", num_rows, self.client.api_url, now - start, self.batch_timeout_s,
-                    env_diagnostics.run_api_report(self.client.api_url),
-                    env_diagnostics.environment_report(env_diagnostics.launcher_run_dir(), errors=1)
+                    diagnostics.run_api_report(self.client.api_url),
+                    diagnostics.environment_report(diagnostics.launcher_run_dir(), errors=1)
                     or "  (environments not started by the launcher: their logs are not known here)",
                 )
                 next_progress = now + self.progress_interval_s
             time.sleep(self.poll_interval_s)
 
     def _stuck_report(self, num_rows: int, waited_s: float) -> str:
-        environments = env_diagnostics.environment_report(env_diagnostics.launcher_run_dir(), errors=5)
+        environments = diagnostics.environment_report(diagnostics.launcher_run_dir(), errors=5)
         wrong_size = ""
         if self.dropped_batches and self._last_dropped_size is not None:
             rows, groups = self._last_dropped_size
@@ -199,7 +199,7 @@ class TrajectoryRolloutManager:
             f"no batch of {num_rows} sequences from {self.client.api_url} within {waited_s:.0f} s "
             f"(trainer.atropos.batch_timeout_s={self.batch_timeout_s:g}).\n"
             + wrong_size
-            + f"{env_diagnostics.run_api_report(self.client.api_url)}\n"
+            + f"{diagnostics.run_api_report(self.client.api_url)}\n"
             + (f"environments:\n{environments}\n" if environments else
                "The environments were not started by the launcher: look at their own logs.\n")
             + "Raise trainer.atropos.batch_timeout_s only if the environments are healthy but slow."

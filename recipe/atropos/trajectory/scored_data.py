@@ -73,7 +73,7 @@ if TYPE_CHECKING:  # verl is imported only by TrajectoryBatch.to_data_proto
 IGNORE_INDEX = -100
 # Why a sequence, or one of its optional fields, was dropped in drop_malformed mode.
 # token_id: an id >= vocab_size (negative or non-int ids are "sequence": not a token list at all);
-# batch: sequences of a whole GET /batch answer of the wrong size (trajectory_rollout.py).
+# batch: sequences of a whole GET /batch answer of the wrong size (rollout.py).
 DROP_REASONS = ("group", "sequence", "token_id", "score", "length", "no_response", "advantages", "inference_logprobs",
                 "overrides", "batch")
 POLICY_STEP_KEY = "policy_step"
