@@ -1,0 +1,44 @@
+"""Evaluate mode's part in the trainer's hooks: verl generates, the environment service judges.
+
+The trainer (grpo_atropos_trainer.py) calls the same methods on either mode's object; this one
+- ``before_workers``: a health check, which says whether the service's advantages or standard GRPO
+  will be used (or stops the run when the service is down and fallback is off);
+- ``before_old_log_prob``: sends the batch to the service on a background thread, concurrently
+  with verl's old-log-prob computation;
+- ``before_update``: turns the answer into token-level overrides of the GRPO estimator, written into
+  the batch before the update.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from verl import DataProto
+
+from recipe.atropos.config import AtroposTrainerConfig
+from recipe.atropos.evaluate.feedback import EnvironmentFeedback
+from recipe.atropos.grpo_computer import AtroposGRPOComputer
+
+
+class EvaluateMode:
+    def __init__(self, atropos_config: AtroposTrainerConfig, tokenizer: Any, grpo_computer: AtroposGRPOComputer):
+        self.feedback = EnvironmentFeedback(atropos_config, tokenizer, grpo_computer)
+
+    def before_workers(self, trainer: Any) -> None:
+        self.feedback.check_health()  # before the (slow) workers: a clear stop comes first
+
+    def after_workers(self, trainer: Any) -> None:
+        pass
+
+    def before_old_log_prob(self, batch: DataProto, step: int) -> None:
+        self.feedback.submit(batch, step=step)
+
+    def before_update(self, batch: DataProto, step: int) -> dict[str, float]:
+        """Advantages into `batch`; returns the step's ``atropos/...`` metrics."""
+        return self.feedback.apply(batch, step=step)
+
+    def rollout_dump(self, batch: DataProto) -> DataProto:
+        return batch
+
+    def close(self) -> None:
+        self.feedback.close()  # no request outlives the run

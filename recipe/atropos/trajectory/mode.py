@@ -1,0 +1,119 @@
+"""Trajectory mode's part in the trainer's hooks: Atropos environments generate through the policy's
+inference endpoints and push scored groups to atroposlib's run-api.
+
+The trainer (grpo_atropos_trainer.py) calls the same methods on either mode's object; this one
+- ``before_workers``: verl's weight-sync manager becomes ``GatedCheckpointEngineManager`` (through
+  ``rollout.checkpoint_manager_class``), and a busy gateway port stops the run before the slow workers;
+- ``after_workers``: the policy gateway starts in front of verl's rollout servers (closed while they
+  sleep and take new weights), and verl's rollout manager is replaced by one that registers with
+  run-api at the first step and pulls each step's batch (validation keeps verl's own);
+- ``before_old_log_prob``: the groups' uids become verl's ``uid`` (GRPO groups);
+- ``before_update``: the environments' token-level advantages, where sent, override GRPO;
+- ``rollout_dump``: the dataloader row's ground truth, which is not the environments' sample's, is
+  left out of verl's rollout dump.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import open_dict
+
+from verl import DataProto
+
+from recipe.atropos.config import AtroposTrainerConfig
+from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
+from recipe.atropos.policy_gateway import PolicyGateway, check_port_free
+from recipe.atropos.trajectory import weight_sync
+from recipe.atropos.trajectory.rollout import OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
+from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.scored_data import TrajectoryLimits
+
+
+class TrajectoryMode:
+    def __init__(self, atropos_config: AtroposTrainerConfig, grpo_computer: AtroposGRPOComputer):
+        self.config = atropos_config
+        self.grpo_computer = grpo_computer
+        self.gateway: PolicyGateway | None = None
+        self.rollout: TrajectoryRolloutManager | None = None
+
+    def before_workers(self, trainer: Any) -> None:
+        use_gated_weight_sync(trainer.config.actor_rollout_ref.rollout)
+        # Before the (slow) workers: a busy port is a clear stop now, not after the model loads.
+        check_port_free(self.config.policy_gateway_host, self.config.policy_gateway_port)
+
+    def after_workers(self, trainer: Any) -> None:
+        self.gateway = self._start_gateway(trainer)
+        # `fit()` generates through this attribute; validation keeps verl's own manager.
+        self.rollout = self._rollout_manager(trainer)
+        trainer.async_rollout_manager = self.rollout
+
+    def _start_gateway(self, trainer: Any) -> PolicyGateway:
+        """Environments generate through one gateway in front of every rollout replica's server."""
+        cfg = self.config
+        servers = [f"http://{address}" for address in trainer.llm_server_manager.get_addresses()]
+        gateway = PolicyGateway(
+            servers, host=cfg.policy_gateway_host, port=cfg.policy_gateway_port,
+            hold_timeout_s=cfg.policy_hold_timeout_s, drain_timeout_s=cfg.policy_drain_timeout_s,
+            max_held=cfg.policy_max_held_requests, api_key=cfg.policy_api_key,
+        ).start()
+        trainer.checkpoint_manager.gateway = gateway
+        return gateway
+
+    def _rollout_manager(self, trainer: Any) -> TrajectoryRolloutManager:
+        cfg, config = self.config, trainer.config
+        client = AtroposRunAPIClient(
+            cfg.trajectory_api_url, timeout=cfg.timeout, retry_attempts=cfg.retry_attempts,
+            retry_delay=cfg.retry_delay, max_wait_time=cfg.max_wait_time, api_key=cfg.api_key,
+        )
+        limits = TrajectoryLimits(
+            max_prompt_length=config.data.max_prompt_length,
+            max_response_length=config.data.max_response_length,
+            pad_token_id=trainer.tokenizer.pad_token_id,
+            vocab_size=len(trainer.tokenizer),  # an id beyond it costs its sample, not a worker's crash
+        )
+        return TrajectoryRolloutManager(
+            client, limits, validation_manager=trainer.async_rollout_manager, config=config,
+            total_steps=trainer.total_training_steps, batch_timeout_s=cfg.batch_timeout_s,
+        )
+
+    def before_old_log_prob(self, batch: DataProto, step: int) -> None:
+        # GRPO groups are the environments' groups (set again before the update: verl skips this
+        # hook in rollout-correction bypass mode).
+        batch.non_tensor_batch["uid"] = group_uids(batch)
+
+    def before_update(self, batch: DataProto, step: int) -> dict[str, float]:
+        """The environments' token-level advantages (where sent) override GRPO on verl's batch;
+        returns the step's ``atropos/...`` metrics."""
+        batch.non_tensor_batch["uid"] = group_uids(batch)
+        keys = [k for k in (OVERRIDES, OVERRIDE_MASK) if k in batch.batch.keys()]
+        sent = batch.pop(batch_keys=keys).batch if keys else None
+        overrides = AdvantageOverrides(sent[OVERRIDES], sent[OVERRIDE_MASK]) if sent is not None else None
+        output = self.grpo_computer.compute_from_overrides(
+            batch.batch["token_level_rewards"], batch.batch["response_mask"], batch.non_tensor_batch["uid"], overrides
+        )
+        batch.batch["advantages"] = output.advantages_BT
+        batch.batch["returns"] = output.returns_BT
+        return {**output.metrics, **(self.rollout.last_metrics if self.rollout is not None else {})}
+
+    def rollout_dump(self, batch: DataProto) -> DataProto:
+        # The environments' samples only joined the dataloader's rows (which drive `fit()`): that
+        # row's ground truth is not theirs, so it is left out of the dump.
+        non_tensors = {k: v for k, v in batch.non_tensor_batch.items() if k != "reward_model"}
+        return DataProto(batch=batch.batch, non_tensor_batch=non_tensors, meta_info=batch.meta_info)
+
+    def close(self) -> None:
+        if self.gateway is not None:
+            self.gateway.stop()
+
+
+def use_gated_weight_sync(rollout: Any) -> None:
+    """``rollout.checkpoint_manager_class`` = the gated manager; another class there is refused."""
+    chosen = rollout.get("checkpoint_manager_class")
+    if chosen and chosen != weight_sync.CLASS_PATH:
+        raise ValueError(
+            f"trainer.atropos.mode=trajectory closes the policy gateway around weight syncs through "
+            f"actor_rollout_ref.rollout.checkpoint_manager_class={weight_sync.CLASS_PATH}; got {chosen!r}"
+        )
+    with open_dict(rollout):
+        rollout.checkpoint_manager_class = weight_sync.CLASS_PATH
