@@ -25,7 +25,8 @@ from recipe.atropos.environments.atropos_gsm8k_env import (
 from recipe.atropos.environments.gsm8k_answers import AnswerMatcher
 from recipe.atropos.tests.conftest import REPO_ROOT, repo_env
 from recipe.atropos.tests.servers import start_atropos_run_api, start_cpu_policy_server
-from recipe.atropos.trajectory.scored_data import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
+from recipe.atropos.trajectory.metrics import trajectory_metrics
+from recipe.atropos.trajectory.scored_data import TrajectoryLimits, scored_groups_to_batch
 
 GROUP_SIZE = 4
 BATCH_SIZE = 8  # two groups per trainer batch

@@ -10,12 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recipe.atropos.trajectory.metrics import trajectory_metrics
 from recipe.atropos.trajectory.scored_data import (
     TrajectoryFormatError,
     TrajectoryLengthError,
     TrajectoryLimits,
     scored_groups_to_batch,
-    trajectory_metrics,
 )
 
 M = -100  # atroposlib's "not trained" mask value

@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
+from recipe.atropos.trajectory.metrics import trajectory_metrics
 from recipe.atropos.trajectory.scored_data import (
     DROP_REASONS,
     TrajectoryFormatError,
     TrajectoryLimits,
     scored_groups_to_batch,
-    trajectory_metrics,
 )
 from recipe.atropos.tests.servers import start_atropos_run_api
 

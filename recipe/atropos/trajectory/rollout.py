@@ -18,7 +18,8 @@ import numpy as np
 from recipe.atropos.errors import AtroposAPIError
 from recipe.atropos.trajectory import diagnostics
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
-from recipe.atropos.trajectory.scored_data import TrajectoryLimits, scored_groups_to_batch, trajectory_metrics
+from recipe.atropos.trajectory.metrics import trajectory_metrics
+from recipe.atropos.trajectory.scored_data import TrajectoryLimits, scored_groups_to_batch
 from verl import DataProto
 
 logger = logging.getLogger("verl.recipe.atropos")

@@ -50,12 +50,11 @@ Staleness: atroposlib stamps nothing with the policy version it sampled from. Th
 counts trainer steps (``GET /status`` ``current_step``: batches handed out) and each environment
 mirrors it as ``BaseEnv.curr_step``. An environment can put that number in
 ``generation_params["policy_step"]`` (this recipe's ``atropos_gsm8k_env.py`` does);
-:func:`trajectory_metrics` then reports ``current_step - policy_step``.
+:func:`~recipe.atropos.trajectory.metrics.trajectory_metrics` then reports ``current_step - policy_step``.
 """
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -226,20 +225,53 @@ def scored_groups_to_batch(
     if not groups:
         raise TrajectoryFormatError("the batch holds no groups", field="batch")
     uid_prefix = f"{uuid.uuid4().hex}-" if uid_prefix is None else uid_prefix
-    samples: list[_Sample] = []
-    dropped: Counter[str] = Counter()
-    uids, group_indices, sample_indices, env_ids, generation_params = [], [], [], [], []
-    for g, group in enumerate(groups):
-        group_samples = _parse_group(group, g, limits, dropped if drop_malformed else None)
-        samples.extend(group_samples)
-        uids.extend([f"{uid_prefix}{g}-dropped-{i}" if s.dropped else f"{uid_prefix}{g}" for i, s in enumerate(group_samples)])
-        group_indices.extend([g] * len(group_samples))
-        sample_indices.extend(range(len(group_samples)))
-        env_ids.extend([group.get("env_id") if isinstance(group, Mapping) else None] * len(group_samples))
-        generation_params.append(group.get("generation_params") if isinstance(group, Mapping) else None)
-    if drop_malformed and all(s.dropped for s in samples):
-        raise TrajectoryFormatError(f"no sequence of the batch can be trained (dropped: {dict(dropped)})", field="batch")
+    rows = _parse_groups(groups, limits, uid_prefix, drop_malformed)
+    if drop_malformed and all(s.dropped for s in rows.samples):
+        raise TrajectoryFormatError(f"no sequence of the batch can be trained (dropped: {dict(rows.dropped)})", field="batch")
+    return TrajectoryBatch(
+        **_padded_tensors(rows.samples, limits),
+        scores_B=torch.tensor([s.score for s in rows.samples], dtype=torch.float32),
+        uid_B=_object_array(rows.uids),
+        group_index_B=np.asarray(rows.group_indices, dtype=np.int64),
+        sample_index_B=np.asarray(rows.sample_indices, dtype=np.int64),
+        env_id_B=_object_array(rows.env_ids),
+        generation_params_G=tuple(rows.generation_params),
+        dropped=dict(rows.dropped),
+    )
 
+
+@dataclass
+class _Rows:
+    """The parsed samples of a batch and where each row came from (one entry per row, but
+    ``generation_params``: one per group)."""
+
+    samples: list[_Sample] = field(default_factory=list)
+    uids: list[str] = field(default_factory=list)
+    group_indices: list[int] = field(default_factory=list)
+    sample_indices: list[int] = field(default_factory=list)
+    env_ids: list[Any] = field(default_factory=list)
+    generation_params: list[Mapping[str, Any] | None] = field(default_factory=list)
+    dropped: Counter[str] = field(default_factory=Counter)
+
+
+def _parse_groups(groups: Sequence[Mapping[str, Any]], limits: TrajectoryLimits, uid_prefix: str,
+                  drop_malformed: bool) -> _Rows:
+    rows = _Rows()
+    for g, group in enumerate(groups):
+        group_samples = _parse_group(group, g, limits, rows.dropped if drop_malformed else None)
+        n = len(group_samples)
+        rows.samples.extend(group_samples)
+        # A placeholder row gets a uid of its own, so it leaves its group's statistics.
+        rows.uids.extend([f"{uid_prefix}{g}-dropped-{i}" if s.dropped else f"{uid_prefix}{g}" for i, s in enumerate(group_samples)])
+        rows.group_indices.extend([g] * n)
+        rows.sample_indices.extend(range(n))
+        rows.env_ids.extend([group.get("env_id") if isinstance(group, Mapping) else None] * n)
+        rows.generation_params.append(group.get("generation_params") if isinstance(group, Mapping) else None)
+    return rows
+
+
+def _padded_tensors(samples: Sequence[_Sample], limits: TrajectoryLimits) -> dict[str, torch.Tensor | None]:
+    """The padded token, mask, score, advantage and log-prob tensors of :class:`TrajectoryBatch`."""
     P = limits.max_prompt_length if limits.pad_to_limits else max(len(s.prompt) for s in samples)
     T = limits.max_response_length if limits.pad_to_limits else max(len(s.response) for s in samples)
     B = len(samples)
@@ -268,26 +300,18 @@ def scored_groups_to_batch(
             logprobs_BT[b, :t] = torch.from_numpy(sample.logprobs_T)
     attention_mask_BL = torch.cat([prompt_attention_BP, response_attention_BT], dim=1)
     has_overrides = bool(override_B.any())
-    has_logprobs = all(s.logprobs_T is not None for s in samples)
-    return TrajectoryBatch(
-        prompts_BP=prompts_BP,
-        responses_BT=responses_BT,
-        input_ids_BL=torch.cat([prompts_BP, responses_BT], dim=1),
-        attention_mask_BL=attention_mask_BL,
-        position_ids_BL=position_ids_from_attention_mask(attention_mask_BL),
-        response_mask_BT=response_mask_BT,
-        rm_scores_BT=rm_scores_BT,
-        scores_B=torch.tensor([s.score for s in samples], dtype=torch.float32),
-        uid_B=_object_array(uids),
-        group_index_B=np.asarray(group_indices, dtype=np.int64),
-        sample_index_B=np.asarray(sample_indices, dtype=np.int64),
-        env_id_B=_object_array(env_ids),
-        token_level_advantages_BT=advantages_BT if has_overrides else None,
-        advantage_override_mask_B=override_B if has_overrides else None,
-        rollout_log_probs_BT=logprobs_BT if has_logprobs else None,
-        generation_params_G=tuple(generation_params),
-        dropped=dict(dropped),
-    )
+    return {
+        "prompts_BP": prompts_BP,
+        "responses_BT": responses_BT,
+        "input_ids_BL": torch.cat([prompts_BP, responses_BT], dim=1),
+        "attention_mask_BL": attention_mask_BL,
+        "position_ids_BL": position_ids_from_attention_mask(attention_mask_BL),
+        "response_mask_BT": response_mask_BT,
+        "rm_scores_BT": rm_scores_BT,
+        "token_level_advantages_BT": advantages_BT if has_overrides else None,
+        "advantage_override_mask_B": override_B if has_overrides else None,
+        "rollout_log_probs_BT": logprobs_BT if all(s.logprobs_T is not None for s in samples) else None,
+    }
 
 
 def position_ids_from_attention_mask(attention_mask_BL: torch.Tensor) -> torch.Tensor:
@@ -301,74 +325,6 @@ def split_prompt_response(mask: Sequence[int]) -> int:
         if value != IGNORE_INDEX:
             return position
     return len(mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Metrics
-# --------------------------------------------------------------------------------------------
-
-
-def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int | None = None) -> dict[str, float]:
-    """Metrics of one ``GET /batch`` answer, under ``atropos/``.
-
-    - ``batch_groups``, ``batch_samples``: groups and sequences in the batch;
-    - ``mean_score``: mean of every sequence's score;
-    - ``identical_score_rate``: fraction of the groups of 2 or more whose scores are all equal
-      (0 when there is no such group);
-    - ``advantage_groups_fraction``: fraction of groups that carried token-level advantages;
-    - ``set_advantage_to_zero_fraction``: fraction of sequences whose group's ``overrides`` asked
-      ``set_advantage_to_zero`` (an environment's choice, not how many advantages came out 0);
-    - ``group_size/min``, ``group_size/max``: sequences per group (each group is its own GRPO group,
-      whatever ``rollout.n`` says);
-    - with ``current_step`` (the trajectory API's step, ``GET /status``) and groups whose
-      ``generation_params`` carry ``policy_step``: ``staleness/mean``, ``staleness/max``
-      (current_step - policy_step over those groups) and ``staleness/known_fraction``.
-    """
-    scores_G = [_numeric_scores(group) for group in groups]  # what a malformed group holds is skipped
-    scores = [s for group_scores in scores_G for s in group_scores]
-    multi = [s for s in scores_G if len(s) >= 2]
-    identical = sum(1 for s in multi if len(set(s)) == 1)
-    with_advantages = sum(1 for group in groups if group.get("advantages"))
-    zeroed = sum(
-        1 for group in groups for o in _list_or_empty(group.get("overrides")) if isinstance(o, Mapping) and o.get("set_advantage_to_zero")
-    )
-    metrics = {
-        "atropos/batch_groups": float(len(groups)),
-        "atropos/batch_samples": float(len(scores)),
-        "atropos/mean_score": float(np.mean(scores)) if scores else math.nan,
-        "atropos/identical_score_rate": identical / len(multi) if multi else 0.0,
-        "atropos/advantage_groups_fraction": with_advantages / len(groups) if groups else 0.0,
-        "atropos/set_advantage_to_zero_fraction": zeroed / len(scores) if scores else 0.0,
-    }
-    sizes = [len(_list_or_empty(group.get("scores"))) for group in groups]
-    if sizes:
-        metrics["atropos/group_size/min"], metrics["atropos/group_size/max"] = float(min(sizes)), float(max(sizes))
-    if current_step is not None and groups:
-        steps = [policy_step_of(group) for group in groups]
-        known = [current_step - s for s in steps if s is not None]
-        metrics["atropos/staleness/known_fraction"] = len(known) / len(groups)
-        if known:
-            metrics["atropos/staleness/mean"] = float(np.mean(known))
-            metrics["atropos/staleness/max"] = float(max(known))
-    return metrics
-
-
-def _list_or_empty(value: Any) -> list:
-    return value if isinstance(value, list) else []
-
-
-def _numeric_scores(group: Any) -> list[float]:
-    values = group.get("scores") if isinstance(group, Mapping) else None
-    if not isinstance(values, list):
-        return []
-    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-
-
-def policy_step_of(group: Mapping[str, Any]) -> int | None:
-    """``generation_params["policy_step"]`` of a group when it is an integer, else None."""
-    params = group.get("generation_params")
-    step = params.get(POLICY_STEP_KEY) if isinstance(params, Mapping) else None
-    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -503,6 +459,20 @@ def _drop_reason(exc: TrajectoryFormatError) -> str:
 def _parse_sequence(group: Mapping[str, Any], g: int, i: int, limits: TrajectoryLimits, advantages, logprobs,
                     overrides, dropped: Counter[str] | None) -> _Sample:
     """Sequence i of group g; optional fields that fail are dropped (counted) when `dropped` is given."""
+    seq, p = _checked_sequence(group, g, i, limits)
+    t = len(seq) - p
+    trained_T = np.asarray(group["masks"][i][p:]) != IGNORE_INDEX
+    override = _optional(lambda: _override_of(overrides, group, g, i), dropped, "overrides")
+    if override and override.get("set_advantage_to_zero"):
+        advantages_T = np.zeros(t, dtype=np.float32)
+    else:
+        advantages_T = _optional(lambda: _advantages_of(advantages, group, g, i, p, trained_T), dropped, "advantages")
+    logprobs_T = _optional(lambda: _logprobs_of(logprobs, group, g, i, p, trained_T), dropped, "inference_logprobs")
+    return _Sample(list(seq[:p]), list(seq[p:]), trained_T, float(group["scores"][i]), advantages_T, logprobs_T)
+
+
+def _checked_sequence(group: Mapping[str, Any], g: int, i: int, limits: TrajectoryLimits) -> tuple[list, int]:
+    """Sequence i's tokens and its prompt length, once tokens, mask, score and lengths are valid."""
     seq, mask, score = group["tokens"][i], group["masks"][i], group["scores"][i]
     if not isinstance(seq, list) or not isinstance(mask, list) or len(seq) != len(mask):
         raise TrajectoryFormatError(
@@ -511,17 +481,7 @@ def _parse_sequence(group: Mapping[str, Any], g: int, i: int, limits: Trajectory
             f"{len(mask) if isinstance(mask, list) else type(mask).__name__})",
             group_index=g, sample_index=i, field="masks",
         )
-    try:  # an id out of range would only fail inside the model's embedding, on a worker
-        ids = token_id_array(seq)
-    except ValueError as exc:
-        raise TrajectoryFormatError(f"{_where(group, g, i)}: tokens: {exc}", group_index=g, sample_index=i,
-                                    field="tokens") from None
-    if limits.vocab_size is not None and ids.size and int(ids.max()) >= limits.vocab_size:
-        raise TrajectoryFormatError(
-            f"{_where(group, g, i)}: token id {int(ids.max())} is not in the tokenizer's vocabulary of "
-            f"{limits.vocab_size} (an environment tokenizing with another model's tokenizer?)",
-            group_index=g, sample_index=i, field="token_id",
-        )
+    _check_token_ids(seq, group, g, i, limits)
     if isinstance(score, bool) or not isinstance(score, (int, float)) or not abs(score) <= _FLOAT32_MAX:
         raise TrajectoryFormatError(  # rm_scores is float32: beyond it is not finite either
             f"{_where(group, g, i)}: score {score!r} is not a finite number", group_index=g, sample_index=i,
@@ -547,38 +507,49 @@ def _parse_sequence(group: Mapping[str, Any], g: int, i: int, limits: Trajectory
             f"{_where(group, g, i)}: no response (every one of its {p} mask values is -100)",
             group_index=g, sample_index=i, field="masks",
         )
-    trained_T = np.asarray(mask[p:]) != IGNORE_INDEX
+    return seq, p
 
-    def override_of() -> Mapping[str, Any] | None:
-        override = overrides[i] if overrides is not None else None
-        if override is not None and not isinstance(override, Mapping):
-            raise TrajectoryFormatError(
-                f"{_where(group, g, i)}: overrides entries must be objects, got {type(override).__name__}",
-                group_index=g, sample_index=i, field="overrides",
-            )
-        return override
 
-    def advantages_of() -> np.ndarray | None:
-        if advantages is None:
-            return None
-        values_T = _response_part(advantages[i], "advantages", group, g, i, p, t)
-        if not np.isfinite(values_T[trained_T]).all():
-            raise TrajectoryFormatError(
-                f"{_where(group, g, i)}: advantages hold non-finite values on trained tokens",
-                group_index=g, sample_index=i, field="advantages",
-            )
-        return np.where(trained_T, values_T, 0.0).astype(np.float32)
+def _check_token_ids(seq: list, group: Mapping[str, Any], g: int, i: int, limits: TrajectoryLimits) -> None:
+    try:  # an id out of range would only fail inside the model's embedding, on a worker
+        ids = token_id_array(seq)
+    except ValueError as exc:
+        raise TrajectoryFormatError(f"{_where(group, g, i)}: tokens: {exc}", group_index=g, sample_index=i,
+                                    field="tokens") from None
+    if limits.vocab_size is not None and ids.size and int(ids.max()) >= limits.vocab_size:
+        raise TrajectoryFormatError(
+            f"{_where(group, g, i)}: token id {int(ids.max())} is not in the tokenizer's vocabulary of "
+            f"{limits.vocab_size} (an environment tokenizing with another model's tokenizer?)",
+            group_index=g, sample_index=i, field="token_id",
+        )
 
-    def logprobs_of() -> np.ndarray | None:
-        if logprobs is None:
-            return None
-        values_T = _response_part(logprobs[i], "inference_logprobs", group, g, i, p, t)
-        return np.where(trained_T, values_T, 0.0).astype(np.float32)
 
-    override = _optional(override_of, dropped, "overrides")
-    if override and override.get("set_advantage_to_zero"):
-        advantages_T = np.zeros(t, dtype=np.float32)
-    else:
-        advantages_T = _optional(advantages_of, dropped, "advantages")
-    logprobs_T = _optional(logprobs_of, dropped, "inference_logprobs")
-    return _Sample(list(seq[:p]), list(seq[p:]), trained_T, float(score), advantages_T, logprobs_T)
+def _override_of(overrides: list | None, group: Mapping[str, Any], g: int, i: int) -> Mapping[str, Any] | None:
+    override = overrides[i] if overrides is not None else None
+    if override is not None and not isinstance(override, Mapping):
+        raise TrajectoryFormatError(
+            f"{_where(group, g, i)}: overrides entries must be objects, got {type(override).__name__}",
+            group_index=g, sample_index=i, field="overrides",
+        )
+    return override
+
+
+def _advantages_of(advantages: list | None, group: Mapping[str, Any], g: int, i: int, p: int,
+                   trained_T: np.ndarray) -> np.ndarray | None:
+    if advantages is None:
+        return None
+    values_T = _response_part(advantages[i], "advantages", group, g, i, p, len(trained_T))
+    if not np.isfinite(values_T[trained_T]).all():
+        raise TrajectoryFormatError(
+            f"{_where(group, g, i)}: advantages hold non-finite values on trained tokens",
+            group_index=g, sample_index=i, field="advantages",
+        )
+    return np.where(trained_T, values_T, 0.0).astype(np.float32)
+
+
+def _logprobs_of(logprobs: list | None, group: Mapping[str, Any], g: int, i: int, p: int,
+                 trained_T: np.ndarray) -> np.ndarray | None:
+    if logprobs is None:
+        return None
+    values_T = _response_part(logprobs[i], "inference_logprobs", group, g, i, p, len(trained_T))
+    return np.where(trained_T, values_T, 0.0).astype(np.float32)

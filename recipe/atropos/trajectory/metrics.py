@@ -1,0 +1,74 @@
+"""Metrics of one ``GET /batch`` answer (scores, group sizes, overrides, staleness), under ``atropos/``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from recipe.atropos.trajectory.scored_data import POLICY_STEP_KEY
+
+
+def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int | None = None) -> dict[str, float]:
+    """Metrics of one ``GET /batch`` answer, under ``atropos/``.
+
+    - ``batch_groups``, ``batch_samples``: groups and sequences in the batch;
+    - ``mean_score``: mean of every sequence's score;
+    - ``identical_score_rate``: fraction of the groups of 2 or more whose scores are all equal
+      (0 when there is no such group);
+    - ``advantage_groups_fraction``: fraction of groups that carried token-level advantages;
+    - ``set_advantage_to_zero_fraction``: fraction of sequences whose group's ``overrides`` asked
+      ``set_advantage_to_zero`` (an environment's choice, not how many advantages came out 0);
+    - ``group_size/min``, ``group_size/max``: sequences per group (each group is its own GRPO group,
+      whatever ``rollout.n`` says);
+    - with ``current_step`` (the trajectory API's step, ``GET /status``) and groups whose
+      ``generation_params`` carry ``policy_step``: ``staleness/mean``, ``staleness/max``
+      (current_step - policy_step over those groups) and ``staleness/known_fraction``.
+    """
+    scores_G = [_numeric_scores(group) for group in groups]  # what a malformed group holds is skipped
+    scores = [s for group_scores in scores_G for s in group_scores]
+    multi = [s for s in scores_G if len(s) >= 2]
+    identical = sum(1 for s in multi if len(set(s)) == 1)
+    with_advantages = sum(1 for group in groups if group.get("advantages"))
+    zeroed = sum(
+        1 for group in groups for o in _list_or_empty(group.get("overrides")) if isinstance(o, Mapping) and o.get("set_advantage_to_zero")
+    )
+    metrics = {
+        "atropos/batch_groups": float(len(groups)),
+        "atropos/batch_samples": float(len(scores)),
+        "atropos/mean_score": float(np.mean(scores)) if scores else math.nan,
+        "atropos/identical_score_rate": identical / len(multi) if multi else 0.0,
+        "atropos/advantage_groups_fraction": with_advantages / len(groups) if groups else 0.0,
+        "atropos/set_advantage_to_zero_fraction": zeroed / len(scores) if scores else 0.0,
+    }
+    sizes = [len(_list_or_empty(group.get("scores"))) for group in groups]
+    if sizes:
+        metrics["atropos/group_size/min"], metrics["atropos/group_size/max"] = float(min(sizes)), float(max(sizes))
+    if current_step is not None and groups:
+        steps = [policy_step_of(group) for group in groups]
+        known = [current_step - s for s in steps if s is not None]
+        metrics["atropos/staleness/known_fraction"] = len(known) / len(groups)
+        if known:
+            metrics["atropos/staleness/mean"] = float(np.mean(known))
+            metrics["atropos/staleness/max"] = float(max(known))
+    return metrics
+
+
+def _list_or_empty(value: Any) -> list:
+    return value if isinstance(value, list) else []
+
+
+def _numeric_scores(group: Any) -> list[float]:
+    values = group.get("scores") if isinstance(group, Mapping) else None
+    if not isinstance(values, list):
+        return []
+    return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
+
+
+def policy_step_of(group: Mapping[str, Any]) -> int | None:
+    """``generation_params["policy_step"]`` of a group when it is an integer, else None."""
+    params = group.get("generation_params")
+    step = params.get(POLICY_STEP_KEY) if isinstance(params, Mapping) else None
+    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) else None
