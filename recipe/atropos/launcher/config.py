@@ -23,6 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# trainer.atropos is read through the trainer's own definition: a key the trainer accepts, the
+# launcher accepts, and a bad one stops the launch before anything starts.
+from recipe.atropos.config import MODES, AtroposTrainerConfig
+
 __all__ = [
     "AtroposEnvironmentConfig",
     "EnvironmentConfig",
@@ -41,9 +45,9 @@ __all__ = [
 ]
 
 SECTION = "launcher"
-# trainer.atropos.mode values: what the launcher starts follows the trainer's mode.
-MODES = ("evaluate", "trajectory")
+# What the launcher starts follows the trainer's trainer.atropos.mode.
 MODE_KEY = "trainer.atropos.mode"
+ATROPOS_KEY = "trainer.atropos"
 # Keys of the composed config that hold secrets: the launcher hands them to processes through
 # environment variables and keeps them off every command line and printed config.
 SECRET_KEYS = (
@@ -52,7 +56,6 @@ SECRET_KEYS = (
     "launcher.environment.api_key",
     "launcher.inference.api_key",
 )
-POLICY_GATEWAY_HOST_KEY = "trainer.atropos.policy_gateway_host"
 DEVICE_KEY = "trainer.device"
 # Fields of LauncherConfig read from the rest of the composed config, not from the section.
 _NOT_SECTION_KEYS = ("mode", "config_secrets", "policy_gateway_host", "trainer_device")
@@ -213,16 +216,20 @@ def load_launcher_config(config_file: Path, overrides: Sequence[str]) -> Launche
         )
     try:
         section = OmegaConf.to_container(cfg[SECTION], resolve=True)
-        mode = OmegaConf.select(cfg, MODE_KEY, default="evaluate")
+        atropos_node = OmegaConf.select(cfg, ATROPOS_KEY, default=None)
         secrets = {key: OmegaConf.select(cfg, key, default=None) for key in SECRET_KEYS}
-        gateway_host = OmegaConf.select(cfg, POLICY_GATEWAY_HOST_KEY, default="127.0.0.1")
         device = OmegaConf.select(cfg, DEVICE_KEY, default=None)
     except OmegaConfBaseException as exc:
         raise LauncherConfigError(f"cannot resolve the {SECTION} section of {config_file}: {exc}") from exc
+    try:
+        # As written (keys are not read from the environment here: the plan hands them over).
+        atropos = AtroposTrainerConfig.parse(atropos_node)
+    except ValueError as exc:
+        raise LauncherConfigError(f"{config_file}: {exc}") from exc
     return dataclasses.replace(
-        parse_launcher_section(section, mode=mode),
+        parse_launcher_section(section, mode=atropos.mode),
         config_secrets={key: str(value) for key, value in secrets.items() if value not in (None, "")},
-        policy_gateway_host=str(gateway_host),
+        policy_gateway_host=atropos.policy_gateway_host,
         trainer_device=None if device is None else str(device),
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 
@@ -66,6 +67,49 @@ def test_gpu_trajectory_example_composes_and_its_environment_matches_the_trainer
     assert command[command.index("--openai.base_url") + 1] == "http://127.0.0.1:8001/v1"
     assert int(command[command.index("--env.group_size") + 1]) == config.actor_rollout_ref.rollout.n
     assert int(command[command.index("--env.max_response_tokens") + 1]) == config.data.max_response_length
+
+
+def test_generated_defaults_yaml_and_readme_table_match_the_definition():
+    from recipe.atropos import config
+
+    assert config.stale_files() == [], "run: python -m recipe.atropos.config --write"
+    # Every key is documented where it is defined, in one of the mode groups.
+    for spec in dataclasses.fields(AtroposTrainerConfig):
+        assert spec.metadata["group"] in config.GROUPS and len(spec.metadata["doc"]) > 20, spec.name
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"api_ur": "x"}, r"trainer.atropos has unknown keys \['api_ur'\]; known: \[.*'api_url'"),
+        ({"retry_attempts": "many"}, r"trainer.atropos.retry_attempts must be int, got 'many'"),
+        ({"timeout": True}, r"trainer.atropos.timeout must be float, got True"),
+        ({"send_token_ids": "maybe"}, r"trainer.atropos.send_token_ids must be bool, got 'maybe'"),
+        ({"api_url": None}, r"trainer.atropos.api_url must be str, got None"),
+        ({"retry_attempts": 0}, r"trainer.atropos.retry_attempts must be >= 1, got 0"),
+        ({"policy_gateway_port": 70000}, r"trainer.atropos.policy_gateway_port must be in 0..65535, got 70000"),
+        ({"policy_drain_timeout_s": -1}, r"trainer.atropos.policy_drain_timeout_s must be >= 0, got -1.0"),
+        ({"mode": "judge"}, r"trainer.atropos.mode must be one of \('evaluate', 'trajectory'\), got 'judge'"),
+    ],
+)
+def test_bad_trainer_atropos_settings_name_the_key_the_value_and_what_it_must_be(settings, message):
+    with pytest.raises(ValueError, match=message):
+        AtroposTrainerConfig.from_config(settings)
+
+
+def test_launcher_reads_trainer_atropos_through_the_trainers_definition(monkeypatch):
+    from recipe.atropos.launcher.config import LauncherConfigError, load_launcher_config
+
+    config_file = CONFIG_DIR / "gsm8k_trajectory_example.yaml"
+    monkeypatch.delenv("ATROPOS_POLICY_API_KEY", raising=False)
+    launcher = load_launcher_config(config_file, ["trainer.atropos.policy_gateway_host=localhost"])
+    assert launcher.mode == "trajectory" and launcher.policy_gateway_host == "localhost"
+    # What the trainer refuses, the launcher refuses before it starts anything, in the same words.
+    for override, message in (("+trainer.atropos.api_ur=x", "unknown keys ['api_ur']"),
+                              ("trainer.atropos.policy_gateway_port=http", "policy_gateway_port must be int, got 'http'")):
+        with pytest.raises(LauncherConfigError, match="trainer.atropos") as refused:
+            load_launcher_config(config_file, [override])
+        assert message in str(refused.value)
 
 
 def _cfg_job(argv: list[str]) -> str:
