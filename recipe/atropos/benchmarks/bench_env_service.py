@@ -238,7 +238,7 @@ def bench_slow_neighbour(repeats: int) -> dict[str, float]:
 
     import requests
 
-    from recipe.atropos.tests.servers import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
+    from recipe.atropos.server_process import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
 
     port = find_free_loopback_port()
     argv = [sys.executable, "-m", "recipe.atropos.environments.gsm8k_server", "serve", "--slurm", "false"]
@@ -339,7 +339,7 @@ def _client_round_trips(
 
 def print_round_trips(args: argparse.Namespace, batch: dict[str, Any]) -> tuple[float, float]:
     """The service against the naive baseline server, both started here; (fastest, baseline) seconds."""
-    from recipe.atropos.tests.servers import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
+    from recipe.atropos.server_process import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
 
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     fast_port, naive_port = find_free_loopback_port(), find_free_loopback_port()

@@ -17,7 +17,7 @@ and vLLM's extras: `return_token_ids` (`prompt_token_ids` on the answer, `token_
 chat calls go to the same route) read; its `ManagedServer` instead posts `/generate`.
 
 `/generate` answers atroposlib's `server_type: vllm` and `sglang` (vLLM's and SGLang's native
-requests and answers, see recipe/atropos/generate_api.py): the tokens and log-probs that
+requests and answers, see recipe/atropos/trajectory/generate_api.py): the tokens and log-probs that
 atroposlib's ManagedServer turns into ScoredData.
 
 Standalone (no trainer; serves a checkpoint folder):
@@ -37,7 +37,7 @@ from pydantic import Field, ValidationError
 
 from recipe.atropos.cpu.hf_generation import FINISH_STOP, Completion, SamplingSettings
 from recipe.atropos.cpu.policy_service import PolicyService
-from recipe.atropos.generate_api import Sample, SamplingFields, parse_generate_request
+from recipe.atropos.trajectory.generate_api import Sample, SamplingFields, parse_generate_request
 
 LOOPBACK_HOST = "127.0.0.1"
 MAX_TOP_LOGPROBS = 20

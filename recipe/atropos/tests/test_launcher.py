@@ -483,13 +483,24 @@ def test_a_config_without_launcher_section_says_how_to_add_it(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 STUB_COMMAND = """\
-import json, os, sys
+import json, os, sys, time
 name = os.path.basename(sys.argv[0])
 args = sys.argv[1:]
 names = ("PYTHONPATH", "RAY_ADDRESS", "REPO_ROOT", "ATROPOS_ENV_API_KEY", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
 seen = {k: os.environ.get(k) for k in names}
 with open(os.environ["STUB_RECORD"], "a") as record:
     record.write(json.dumps({"cmd": name, "args": args, "env": seen}) + "\\n")
+if "examples/slurm/wait_for_ray_nodes.py" in args:
+    # As the real check does: return once `--nodes` Ray nodes have started (here: their background
+    # srun steps have been recorded; a loaded machine can start them after the script moved on).
+    wanted = int(args[args.index("--nodes") + 1])
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        with open(os.environ["STUB_RECORD"]) as record:
+            started = [line for line in record if '"ray", "start"' in line]
+        if len(started) >= wanted:
+            break
+        time.sleep(0.05)
 if name == "scontrol":
     print("\\n".join(os.environ["STUB_NODES"].split()))
 elif name == "srun" and "hostname" in args:

@@ -1,4 +1,4 @@
-"""The policy gateway (policy_gateway.py) in front of real inference servers, over loopback.
+"""The policy gateway (trajectory/gateway.py) in front of real inference servers, over loopback.
 
 The backends are the repo's CPU policy server (a real process) and, where a test needs requests to
 take a while, a small slow stand-in server defined here (uvicorn on its own thread). Clients are
@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from recipe.atropos.config import AtroposTrainerConfig
-from recipe.atropos.policy_gateway import PolicyGateway
+from recipe.atropos.trajectory.gateway import PolicyGateway
 from recipe.atropos.tests.servers import (
     LOOPBACK_HOST,
     find_free_loopback_port,

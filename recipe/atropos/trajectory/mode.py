@@ -23,7 +23,7 @@ from verl import DataProto
 
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
-from recipe.atropos.policy_gateway import PolicyGateway, check_port_free
+from recipe.atropos.trajectory.gateway import PolicyGateway, check_port_free
 from recipe.atropos.trajectory import weight_sync
 from recipe.atropos.trajectory.rollout import OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient

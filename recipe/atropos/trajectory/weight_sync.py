@@ -14,7 +14,7 @@ import asyncio
 from verl.checkpoint_engine import CheckpointEngineManager
 from verl.utils.ray_utils import auto_await
 
-from recipe.atropos.policy_gateway import PolicyGateway
+from recipe.atropos.trajectory.gateway import PolicyGateway
 
 CLASS_PATH = f"{__name__}.GatedCheckpointEngineManager"
 

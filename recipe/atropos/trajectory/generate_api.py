@@ -13,7 +13,7 @@
 `parse_generate_request` tells them apart (SGLang's has ``input_ids``, ``text`` or
 ``sampling_params``); both give the prompt and the sampling settings under OpenAI's completions
 names, and build their own answer from `Sample`s. The CPU policy server answers them itself; the
-policy gateway (policy_gateway.py) sends them to `/v1/completions` of verl's vLLM servers, which do
+policy gateway (trajectory/gateway.py) sends them to `/v1/completions` of verl's vLLM servers, which do
 not serve `/generate`.
 """
 
