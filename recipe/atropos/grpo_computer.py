@@ -1,7 +1,7 @@
 """AtroposGRPOComputer: an environment's advantages -> token-level overrides for verl's GRPO.
 
 The environment answers, per sample, a list of token advantages, one float, or null
-(../shared/PROTOCOL.md). Element j of a token list belongs to the j-th response token: the j-th
+(docs/PROTOCOL.md). Element j of a token list belongs to the j-th response token: the j-th
 position, left to right, where `response_mask` is 1. A float is broadcast over the response; null
 means "standard GRPO for this sample". The overrides then go through the GRPO estimator of
 verl/trainer/ppo/core_algos.py, which computes standard GRPO for every row not overridden.

@@ -1,4 +1,4 @@
-"""The evaluate protocol's wire models (PROTOCOL.md): one definition of each body, used by both sides.
+"""The evaluate protocol's wire models (docs/PROTOCOL.md): one definition of each body, used by both sides.
 
 The service's routes validate requests with these models and publish them as its OpenAPI schema;
 the client checks a request with the same validation before sending it and reads an answer by the
@@ -9,6 +9,10 @@ checked by :func:`check_evaluate_request`, which both sides run.
 Speed: token ids are never validated item by item in Python. They become int32 numpy arrays whose
 dtype, shape and range are checked at C speed (:func:`recipe.atropos.wire.token_id_array`); the
 models validate the small fields (strings, group ids, lengths) in strict mode.
+
+Trajectory mode's wire is atroposlib's ``ScoredData``; the values of it that this recipe's
+environments write and its trainer reads (:data:`IGNORE_INDEX`, :data:`POLICY_STEP_KEY`) are
+defined here too, so an environment process reads them without importing the torch side.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from recipe.atropos.errors import ContractError
 __all__ = [
     "EVALUATE_PATH",
     "HEALTH_PATH",
+    "IGNORE_INDEX",
+    "POLICY_STEP_KEY",
     "PER_SAMPLE_FIELDS",
     "REGISTER_PATH",
     "ErrorDetail",
@@ -43,6 +49,12 @@ __all__ = [
 HEALTH_PATH = "/health"
 EVALUATE_PATH = "/evaluate_and_compute_advantages"
 REGISTER_PATH = "/register_inference_endpoint"
+
+# Trajectory mode (atroposlib's ScoredData): a ``masks`` value of -100 marks a token not trained on
+# (the prompt, environment text); ``generation_params[POLICY_STEP_KEY]`` is the trajectory API's
+# step when the group was sampled (the trainer reports staleness from it).
+IGNORE_INDEX = -100
+POLICY_STEP_KEY = "policy_step"
 
 # Integers travel as 64-bit on the wire (orjson, msgpack); token ids and lengths as int32. The
 # bounds are exact as floats too (FastAPI's OpenAPI writes them as floats: 2**63 - 1 would round up).

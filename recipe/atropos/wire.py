@@ -1,4 +1,4 @@
-"""Wire encodings of the environment-service protocol (../shared/PROTOCOL.md).
+"""Wire encodings of the environment-service protocol (docs/PROTOCOL.md).
 
 JSON is always spoken. The compact encoding is msgpack (``application/msgpack``) in which every
 numeric list of a sample (response token ids, token-level advantages) travels as one msgpack

@@ -48,7 +48,7 @@ from pydantic import Field  # noqa: E402
 
 from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np  # noqa: E402
 from recipe.atropos.environments.gsm8k_answers import AnswerMatcher, extract_answer, reference_answer  # noqa: E402
-from recipe.atropos.trajectory.scored_data import IGNORE_INDEX, POLICY_STEP_KEY  # noqa: E402
+from recipe.atropos.protocol import IGNORE_INDEX, POLICY_STEP_KEY  # noqa: E402
 
 DEFAULT_ASSETS = "outputs/assets"  # what `python -m recipe.atropos.tiny_assets --out outputs/assets` writes
 

@@ -1,4 +1,4 @@
-"""Client of an environment service (PROTOCOL.md): health, evaluation, inference endpoint registration.
+"""Client of an environment service (docs/PROTOCOL.md): health, evaluation, inference endpoint registration.
 
 Every call goes through the retry policy of :class:`~recipe.atropos.http_retry.RetryingClient`.
 A request is checked before it is sent, by the protocol's own checks

@@ -1,6 +1,6 @@
 """A small environment service that misbehaves on request, for testing clients over real HTTP.
 
-By default it follows PROTOCOL.md (``/health``, ``/evaluate_and_compute_advantages`` with
+By default it follows docs/PROTOCOL.md (``/health``, ``/evaluate_and_compute_advantages`` with
 group-normalised advantages, ``/register_inference_endpoint``) plus stand-ins for the trajectory
 API's ``/status``, ``/info`` and ``/batch``. Tests queue :class:`Fault` answers per path
 (errors, slow answers, ``Retry-After``, malformed bodies, dropped connections); the next calls to

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a file path: put the repo root on sys.pa
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from recipe.atropos.environments.atropos_gsm8k_env import AtroposGSM8KEnv  # noqa: E402
-from recipe.atropos.trajectory.scored_data import IGNORE_INDEX  # noqa: E402
+from recipe.atropos.protocol import IGNORE_INDEX  # noqa: E402
 
 
 def ramp(num_trained_tokens: int) -> list[float]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from recipe.atropos.trajectory.scored_data import POLICY_STEP_KEY
+from recipe.atropos.protocol import POLICY_STEP_KEY
 
 
 def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int | None = None) -> dict[str, float]:

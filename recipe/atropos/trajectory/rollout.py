@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.errors import AtroposAPIError
 from recipe.atropos.trajectory import diagnostics
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
@@ -72,6 +73,8 @@ class TrajectoryRolloutManager:
     ):
         self.client = client
         self.config = config
+        # The trainer's typed section; `parse` checks it as the trainer did (and reads no environment).
+        self.atropos_config = AtroposTrainerConfig.parse(config.trainer.get("atropos"))
         self.total_steps = total_steps
         self.limits = limits
         self.validation_manager = validation_manager
@@ -138,7 +141,7 @@ class TrajectoryRolloutManager:
     def fallback(self) -> bool:
         """trainer.atropos.fallback_to_grpo: what run-api hands over that cannot be trained is dropped
         (counted), not a stop."""
-        return bool((self.config.trainer.get("atropos") or {}).get("fallback_to_grpo", True))
+        return self.atropos_config.fallback_to_grpo
 
     def _pull_batch(self, num_rows: int) -> list[dict]:
         """One `/batch` answer of exactly `num_rows` sequences, waiting up to `batch_timeout_s`.

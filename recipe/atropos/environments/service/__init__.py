@@ -1,4 +1,4 @@
-"""The environment service: one FastAPI app hosting one :class:`Environment` (see PROTOCOL.md).
+"""The environment service: one FastAPI app hosting one :class:`Environment` (see docs/PROTOCOL.md).
 
 Modules, one job each: ``bodies`` (limits, encodings, error shape), ``runners`` (where evaluations
 run), ``state`` (settings and the one state object the handlers share), ``routes`` (the handlers),

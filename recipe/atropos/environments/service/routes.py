@@ -92,7 +92,7 @@ def error_for(exc: BaseException) -> Response:
 
 
 async def evaluate_and_compute_advantages(request: Request) -> Response:
-    """Score B responses and compute their advantages (see PROTOCOL.md)."""
+    """Score B responses and compute their advantages (see docs/PROTOCOL.md)."""
     state = _state(request)
     if not state.ready:
         raise state.not_ready_error()
