@@ -63,7 +63,7 @@ class AtroposTrainerConfig:
         `evaluate`: verl generates and the environment service (`api_url`) judges. `trajectory`:
         Atropos environments generate through the policy gateway and push scored groups to
         atroposlib's `run-api` (`trajectory_api_url`); the trainer pulls each step's batch from
-        there (see "Trajectory mode"). The launcher starts the services of this mode.""", _one_of(MODES))
+        there (docs/trajectory_mode.md). The launcher starts the services of this mode.""", _one_of(MODES))
     fallback_to_grpo: bool = _key(True, "shared", """
         Evaluate mode: when the service is down, slower than its limits, or answers something
         unusable, that step uses standard GRPO on verl's own reward, a warning is logged once per

@@ -3,7 +3,7 @@
     python recipe/atropos/launch_atropos_verl_services.py --config recipe/atropos/config/gsm8k_grpo_example.yaml \
         [--dry-run] [--console] [hydra overrides...]
 
-What to start comes from the config's ``launcher:`` section; ``--help`` and README.md ("Launcher")
+What to start comes from the config's ``launcher:`` section; ``--help`` and docs/launcher.md
 describe every option and key. The code lives in ``recipe/atropos/launcher/``.
 """
 

@@ -387,7 +387,7 @@ def test_protocol_error_carries_sizes(server):
     ],
 )
 def test_one_bad_sample_is_kept_in_place_not_the_whole_answer_rejected(server, field, item, reason, needle):
-    """README: a bad sample costs that sample; the client marks it, the others stay usable."""
+    """docs/evaluate_mode.md: a bad sample costs that sample; the client marks it, the others stay usable."""
     body = {**GOOD, "metrics": {"acc": 0.5, "note": "text"}}
     body[field] = list(body[field])
     body[field][1] = item

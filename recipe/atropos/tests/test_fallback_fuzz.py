@@ -1,6 +1,6 @@
 """With fallback on, no answer from the environment service can stop the run; a bad sample costs that sample.
 
-The rule under test (README "How outages are handled"): with `fallback_to_grpo=true`, whatever a
+The rule under test (docs/evaluate_mode.md, "How outages are handled"): with `fallback_to_grpo=true`, whatever a
 service answers (any JSON or msgpack shape or value, any status) the step trains, on finite
 advantages; only a refused API key (401/403) stops the run. A sample whose advantage is unusable
 falls back to GRPO alone and is counted under `atropos/fallback_samples/<reason>`; a step that
@@ -34,7 +34,7 @@ from .test_feedback import make_batch
 pytestmark = pytest.mark.timeout(600)
 EVALUATE = "/evaluate_and_compute_advantages"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-# The per-sample reasons README documents under atropos/fallback_samples/<reason>.
+# The per-sample reasons docs/evaluate_mode.md documents under atropos/fallback_samples/<reason>.
 FALLBACK_SAMPLE_REASONS = ("malformed", "wrong_length", "non_finite", "out_of_range", "invalid_score")
 
 

@@ -105,7 +105,7 @@ def create_app(
     state = ServiceState(environment, settings, runner)
     app = FastAPI(
         title=f"{environment.name} environment service",
-        description="Scores responses and computes GRPO advantages; see PROTOCOL.md.",
+        description="Scores responses and computes GRPO advantages; see docs/PROTOCOL.md.",
         lifespan=_lifespan,
     )
     app.state.service = state

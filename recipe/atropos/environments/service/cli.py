@@ -84,7 +84,7 @@ def build_parser(environment_cls: type[Environment], prog: str | None = None) ->
     """The CLI of an environment service: ``serve`` with the service options and ``--env.*``."""
     parser = argparse.ArgumentParser(
         prog=prog,
-        description=f"Environment service for {environment_cls.name!r} (see PROTOCOL.md). "
+        description=f"Environment service for {environment_cls.name!r} (see docs/PROTOCOL.md). "
         f"Commands follow Atropos' environment conventions: serve, --slurm, --env.*.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
