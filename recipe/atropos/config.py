@@ -93,6 +93,16 @@ class AtroposTrainerConfig:
     encoding: str = _key("auto", "evaluate", """
         Request body encoding: `auto` (msgpack when the service offers it), `json`, `msgpack`.""",
         _one_of(ENCODINGS))
+    # Any, not a dict type: the nested map is checked by evaluate/environments.py, whose errors name
+    # the environment and its key (OmegaConf's would not).
+    environments: Any = _key(None, "evaluate", """
+        Several environment services, one per kind of data: a map `name: {api_url, data_sources:
+        [verl data_source values], weight (optional), api_key_env (optional: the environment
+        variable holding its key; else `api_key`, else the shared key)}`. Each sample goes to the
+        environment owning its `data_source`, all of them at once; one that is down costs its own
+        samples only (GRPO). Weights, when set on every environment, mix the training data by them.
+        `null`: the single service at `api_url` (docs/many_environments.md).""",
+        ("a map name -> {api_url, data_sources, weight, api_key_env, api_key}", lambda v: _environments_ok(v)))
 
     # ---- Trajectory mode: run-api and the policy gateway --------------------------------------
     trajectory_api_url: str = _key("http://localhost:8000", "trajectory", """
@@ -173,6 +183,14 @@ class AtroposTrainerConfig:
         if config.mode == "trajectory":
             check_gateway_exposure(config.policy_gateway_host, config.policy_api_key)
         return config
+
+
+def _environments_ok(value: Any) -> bool:
+    """`environments` checked in full; raises ValueError naming the environment, key and fix."""
+    from recipe.atropos.evaluate.environments import parse_environment_specs  # stdlib only, no cycle
+
+    parse_environment_specs(value)
+    return True
 
 
 def is_loopback_host(host: str) -> bool:

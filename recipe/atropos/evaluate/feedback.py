@@ -78,8 +78,10 @@ class EnvironmentFeedback:
         tokenizer,
         computer: AtroposGRPOComputer,
         client: Optional[AtroposEnvironmentClient] = None,
+        key_hint: str = "trainer.atropos.api_key (or ATROPOS_API_KEY)",
     ):
         self.config = config
+        self.key_hint = key_hint  # where the key is set, for a refused key's error
         self.tokenizer = tokenizer
         self.computer = computer
         self.client = client or AtroposEnvironmentClient(
@@ -158,10 +160,7 @@ class EnvironmentFeedback:
 
         output = None
         if result is not None:
-            if self._outage_steps:
-                logger.warning("environment service at %s answers again after %d step(s): overrides resume.",
-                               self.config.api_url, self._outage_steps)
-                self._outage_steps = 0
+            self._answered()
             output, reason = self._compute(result, batch, pending, step)
         if output is None:
             # verl's compute_advantage already gave this batch standard GRPO on its own reward.
@@ -183,19 +182,30 @@ class EnvironmentFeedback:
         metrics["atropos/retries"] = float(self.client.stats.retries - pending.retries_before)
         return metrics
 
+    def _answered(self) -> None:
+        """The service answered: end an outage, saying so once."""
+        if self._outage_steps:
+            logger.warning("environment service at %s answers again after %d step(s): overrides resume.",
+                           self.config.api_url, self._outage_steps)
+            self._outage_steps = 0
+
+    def _check_scores(self, result: EvaluationResult) -> None:
+        """With fallback off, a bad score stops the run (AtroposProtocolError), as before any update."""
+        if result.invalid_scores and not self.config.fallback_to_grpo:
+            index, invalid = next(iter(result.invalid_scores.items()))
+            raise AtroposProtocolError(invalid.message, field="scores", sample_index=index)
+
     def _compute(self, result: EvaluationResult, batch: DataProto, pending: _PendingRequest, step: int):
         """(the computer's output, None), or (None, reason) when the answer is unusable as a whole.
 
         With fallback off a bad sample raises AtroposProtocolError (from the computer, or here for
         a bad score), as before any update.
         """
-        if result.invalid_scores and not self.config.fallback_to_grpo:
-            index, invalid = next(iter(result.invalid_scores.items()))
-            raise AtroposProtocolError(invalid.message, field="scores", sample_index=index)
+        self._check_scores(result)
         try:
             output = self.computer.compute(
                 batch.batch["token_level_rewards"], batch.batch["response_mask"], batch.non_tensor_batch["uid"],
-                self._env_advantages(result, batch), alignment_mask_BT=pending.response_mask_BT,
+                self._env_advantages(result, batch.non_tensor_batch["uid"]), alignment_mask_BT=pending.response_mask_BT,
             )
         except (AtroposAPIError, ValueError) as exc:
             # Not expected with fallback on (samples fall back one by one); kept so that no answer
@@ -206,7 +216,7 @@ class EnvironmentFeedback:
             return None, "invalid_answer"
         return output, None
 
-    def _env_advantages(self, result: EvaluationResult, batch: DataProto) -> list:
+    def _env_advantages(self, result: EvaluationResult, uids_B: np.ndarray) -> list:
         if self.config.use_advantages:
             return result.advantages
         # The service as a reward model: GRPO on its scores, one float per sample; a sample whose
@@ -217,7 +227,7 @@ class EnvironmentFeedback:
             invalid = result.invalid_scores.get(i)
             advantages[i] = InvalidSample("invalid_score", invalid.message if invalid else f"scores[{i}] is not finite")
         if valid_B.any():
-            values = self.computer.outcome_advantages(result.scores[valid_B], batch.non_tensor_batch["uid"][valid_B])
+            values = self.computer.outcome_advantages(result.scores[valid_B], uids_B[valid_B])
             for i, value in zip(np.flatnonzero(valid_B).tolist(), values.tolist()):
                 advantages[i] = value
         return advantages
@@ -229,7 +239,7 @@ class EnvironmentFeedback:
             # on plain GRPO.
             raise EnvironmentServiceError(
                 f"step {step}: the environment service at {self.config.api_url} refused the API key "
-                f"(HTTP {exc.status}): set trainer.atropos.api_key (or ATROPOS_API_KEY) to the service's key"
+                f"(HTTP {exc.status}): set {self.key_hint} to the service's key"
             ) from exc
         if not self.config.fallback_to_grpo:
             raise EnvironmentServiceError(

@@ -2,7 +2,9 @@
 
 The trainer (grpo_atropos_trainer.py) calls the same methods on either mode's object; this one
 - ``before_workers``: a health check, which says whether the service's advantages or standard GRPO
-  will be used (or stops the run when the service is down and fallback is off);
+  will be used (or stops the run when the service is down and fallback is off); with
+  ``environments``, also a check that every data_source of the training data has an environment,
+  and the weighted sampler when the environments set weights (evaluate/mixing.py);
 - ``before_old_log_prob``: sends the batch to the service on a background thread, concurrently
   with verl's old-log-prob computation;
 - ``before_update``: turns the answer into token-level overrides of the GRPO estimator, written into
@@ -17,15 +19,27 @@ from verl import DataProto
 
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.evaluate.feedback import EnvironmentFeedback
+from recipe.atropos.evaluate.mixing import dataset_data_sources, install_weighted_sampler
+from recipe.atropos.evaluate.multi import MultiEnvironmentFeedback
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
 
 
 class EvaluateMode:
     def __init__(self, atropos_config: AtroposTrainerConfig, tokenizer: Any, grpo_computer: AtroposGRPOComputer):
-        self.feedback = EnvironmentFeedback(atropos_config, tokenizer, grpo_computer)
+        if atropos_config.environments:
+            self.feedback = MultiEnvironmentFeedback(atropos_config, tokenizer, grpo_computer)
+        else:
+            self.feedback = EnvironmentFeedback(atropos_config, tokenizer, grpo_computer)
 
     def before_workers(self, trainer: Any) -> None:
-        self.feedback.check_health()  # before the (slow) workers: a clear stop comes first
+        # Before the (slow) workers: a clear stop comes first.
+        if isinstance(self.feedback, MultiEnvironmentFeedback):
+            sources = dataset_data_sources(getattr(trainer, "train_dataset", None))
+            if sources is not None:  # else the first batch is checked (submit)
+                self.feedback.check_data_sources(sources)
+            if all(spec.weight is not None for spec in self.feedback.specs.values()):
+                install_weighted_sampler(trainer, self.feedback.specs)
+        self.feedback.check_health()
 
     def after_workers(self, trainer: Any) -> None:
         pass

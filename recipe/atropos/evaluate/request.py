@@ -39,6 +39,18 @@ class BatchView:
             reward_model_B=batch.non_tensor_batch.get("reward_model"),
         )
 
+    def select(self, index_N: np.ndarray) -> BatchView:
+        """The rows `index_N`, in that order (one environment's share of the batch)."""
+        rows = torch.as_tensor(index_N, dtype=torch.long)
+        return BatchView(
+            prompts_BP=self.prompts_BP[rows],
+            prompt_mask_BP=self.prompt_mask_BP[rows],
+            responses_BT=self.responses_BT[rows],
+            response_mask_BT=self.response_mask_BT[rows],
+            uids_B=self.uids_B[index_N],
+            reward_model_B=None if self.reward_model_B is None else self.reward_model_B[index_N],
+        )
+
 
 def _ground_truth(reward_model: Any) -> str | None:
     if isinstance(reward_model, dict) and reward_model.get("ground_truth") is not None:
