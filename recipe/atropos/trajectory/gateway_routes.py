@@ -14,11 +14,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import orjson
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from recipe.atropos.http_auth import CHALLENGE_HEADERS, authorization_header, bearer_refusal
+from recipe.atropos.trajectory.behavior import BehaviorRecords
 from recipe.atropos.trajectory.gate import ClientGone, GateFull, GateTimeout, GatewayStopping, PolicyGate
 from recipe.atropos.trajectory.generate_api import Sample, completions_body, parse_generate_request
 
@@ -44,6 +46,34 @@ def _with_model(body: bytes, name: str) -> bytes:
     if not isinstance(payload, dict) or payload.get("model") == name:
         return body
     return json.dumps({**payload, "model": name}).encode()
+
+
+def _ask_for_behavior(payload: dict[str, Any], chat: bool) -> tuple[str, ...]:
+    """Ask the server for token ids and the sampled tokens' log-probs; returns what the client had
+    not asked for (to be taken out of the answer)."""
+    added = []
+    if not payload.get("return_token_ids"):
+        payload["return_token_ids"] = True
+        added.append("return_token_ids")
+    if chat and not payload.get("logprobs"):
+        payload["logprobs"] = True
+        added.append("logprobs")
+    elif not chat and payload.get("logprobs") is None:
+        payload["logprobs"] = 0  # the sampled token's log-prob, no alternatives
+        added.append("logprobs")
+    return tuple(added)
+
+
+def _remove_unasked(content: dict[str, Any], added: tuple[str, ...], chat: bool) -> None:
+    """The answer as the client asked for it: without the fields `_ask_for_behavior` added."""
+    if "return_token_ids" in added:
+        content.pop("prompt_token_ids", None)  # chat: on the answer; completions: on each choice
+    for choice in content.get("choices") or ():
+        if "return_token_ids" in added:
+            choice.pop("token_ids", None)
+            choice.pop("prompt_token_ids", None)
+        if "logprobs" in added:
+            choice["logprobs"] = None
 
 
 def _disconnect_of(request: Request) -> Callable[[], Awaitable[None]]:
@@ -97,10 +127,12 @@ class _DirectRoutes:
 class GatewayRoutes:
     """The gateway's state and its routes (one instance per app, used on the gateway's loop only)."""
 
-    def __init__(self, gate: PolicyGate):
+    def __init__(self, gate: PolicyGate, records: BehaviorRecords):
         self.gate = gate
+        self.records = records
         self.client: aiohttp.ClientSession | None = None  # opened by the app's lifespan
         self.served_names: dict[str, str | None] = {}
+        self.unrecorded = 0  # completions answered without tokens or log-probs to record (streams included)
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -133,11 +165,11 @@ class GatewayRoutes:
             return Response(content=await answer.read(), status_code=answer.status,
                             media_type=answer.headers.get("content-type"))
 
-    async def relay(self, request: Request, path: str, *, names_model: bool = False) -> Response:
+    async def relay(self, request: Request, path: str, *, names_model: bool = False, body: bytes | None = None) -> Response:
         """Pass the request through to one server; with `names_model`, a JSON body's `model` becomes
         the name that server serves (vLLM refuses others; environments need not know it)."""
         headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED_HEADERS}
-        body = await request.body()
+        body = await request.body() if body is None else body
         try:
             async with self.gate.admitted(_disconnect_of(request)) as url:
                 name = await self.served_model(url, headers) if names_model else None
@@ -185,16 +217,59 @@ class GatewayRoutes:
             "requests_held_too_long": gate.requests_held_too_long,
             "requests_unauthorized": gate.requests_unauthorized,
             "servers": gate.backends.urls,
+            "behavior_records": {**self.records.stats(), "unrecorded": self.unrecorded},
         }
 
     async def models(self, request: Request) -> Response:
         return await self.relay(request, "/v1/models")
 
     async def completions(self, request: Request) -> Response:
-        return await self.relay(request, "/v1/completions", names_model=True)
+        return await self.recorded_relay(request, "/v1/completions", chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        return await self.relay(request, "/v1/chat/completions", names_model=True)
+        return await self.recorded_relay(request, "/v1/chat/completions", chat=True)
+
+    async def recorded_relay(self, request: Request, path: str, *, chat: bool) -> Response:
+        """Relay a completion request, asking the server for what the behaviour records need (token
+        ids and sampled log-probs), recording each choice with the weights version that answered,
+        and taking out of the answer what the client did not ask for."""
+        body = await request.body()
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            payload = None
+        if not isinstance(payload, dict) or payload.get("stream"):
+            self.unrecorded += 1  # the server judges the body; a stream is passed through as it comes
+            return await self.relay(request, path, names_model=True, body=body)
+        added = _ask_for_behavior(payload, chat)
+        headers = {k: v for k, v in request.headers.items() if k.lower() in _PASSED_HEADERS}
+        try:
+            async with self.gate.admitted(_disconnect_of(request)) as url:
+                version = self.gate.global_steps  # the gate is closed around weight syncs: these weights answer
+                name = await self.served_model(url, headers)
+                if name is not None:
+                    payload["model"] = name
+                answer = await self.forward(request.method, f"{url}{path}", orjson.dumps(payload), headers)
+        except _REFUSED as exc:
+            return self.refusal(exc)
+        if answer.status_code != 200:
+            return answer
+        content = orjson.loads(answer.body)
+        for choice in content.get("choices") or ():
+            self._record(choice, version, chat)
+        if not added:
+            return answer
+        _remove_unasked(content, added, chat)
+        return Response(content=orjson.dumps(content), status_code=200, media_type="application/json")
+
+    def _record(self, choice: dict[str, Any], version: int | None, chat: bool) -> None:
+        try:
+            token_ids = choice["token_ids"]
+            logprobs = choice["logprobs"]
+            values = [e["logprob"] for e in logprobs["content"]] if chat else logprobs["token_logprobs"]
+            self.records.add(version, token_ids, values)
+        except (KeyError, TypeError, ValueError):  # a server or an answer that carries neither
+            self.unrecorded += 1
 
     async def generate(self, raw: Request) -> Response:
         """atroposlib's `/generate` dialects, sent to `/v1/completions` with vLLM's `return_token_ids`."""
@@ -206,6 +281,7 @@ class GatewayRoutes:
         headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
         try:
             async with self.gate.admitted(_disconnect_of(raw)) as url:
+                version = self.gate.global_steps
                 name = await self.served_model(url, headers)
                 if name is not None:
                     body["model"] = name
@@ -219,13 +295,15 @@ class GatewayRoutes:
         if any(c.get("token_ids") is None or not c.get("logprobs") for c in choices):
             return _error(502, "the inference server's completions carry no token_ids/logprobs (vLLM >= 0.10.2 needed)")
         samples = [Sample(c["text"], c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"]) for c in choices]
+        for sample in samples:
+            self.records.add(version, sample.token_ids, sample.log_probs)
         return JSONResponse(request.answer(choices[0].get("prompt_token_ids") or body["prompt"], samples))
 
 
-def build_app(gate: PolicyGate, api_key: str | None = None) -> FastAPI:
-    """The gateway's FastAPI app over `gate` (one HTTP client per app, opened with it); with
-    `api_key`, every route but /health needs it as a bearer key."""
-    routes = GatewayRoutes(gate)
+def build_app(gate: PolicyGate, records: BehaviorRecords, api_key: str | None = None) -> FastAPI:
+    """The gateway's FastAPI app over `gate`, recording completions in `records` (one HTTP client per
+    app, opened with it); with `api_key`, every route but /health needs it as a bearer key."""
+    routes = GatewayRoutes(gate, records)
     app = FastAPI(title="Atropos policy gateway", lifespan=routes.lifespan)
     app.get("/health")(routes.health)
     app.get("/v1/models")(routes.models)

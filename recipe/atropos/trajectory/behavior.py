@@ -1,0 +1,95 @@
+"""What the policy gateway generated: per completion, the weights version that produced it and the
+sampled tokens' log-probs under those weights (the *behaviour policy* of each trained token).
+
+Every token an environment trains on in trajectory mode was generated through the gateway, which
+knows which weights the servers held at the time (it is closed around each weight sync). The
+gateway records each completion here; the trainer looks up each pulled sample's generated tokens to
+know how stale it is and which log-probs sampled it (verl's `rollout_log_probs`, which its
+`algorithm.rollout_correction` uses).
+
+Keys are the exact completion token ids. An environment that re-tokenizes the text it got back may
+train on different ids: such a sample is not found (the trainer counts it). Memory is bounded by
+keeping the completions of the last `keep_versions` weights versions only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class BehaviorRecord:
+    """One completion as the gateway saw it."""
+
+    version: int | None  # the training step whose weights generated it (the gateway's `global_steps`)
+    logprobs_T: np.ndarray  # float32 [T]: each sampled token's log-prob under those weights
+
+
+def token_key(token_ids: Sequence[int] | np.ndarray) -> bytes:
+    """The lookup key of a token sequence (int64 bytes: the same for lists, tuples and arrays)."""
+    return np.asarray(token_ids, dtype=np.int64).tobytes()
+
+
+class BehaviorRecords:
+    """Completions of the last `keep_versions` weights versions; written on the gateway's loop, read
+    from the trainer's thread (one lock; each call holds it for a dict operation)."""
+
+    def __init__(self, keep_versions: int = 16):
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
+        self.keep_versions = keep_versions
+        self._by_version: OrderedDict[int | None, dict[bytes, BehaviorRecord]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.recorded = 0  # completions recorded since start
+        self.evicted = 0  # records dropped with their version
+        self.collisions = 0  # the same tokens generated again (the newest record is kept)
+
+    def add(self, version: int | None, token_ids: Sequence[int], logprobs: Sequence[float]) -> None:
+        """Record one completion; `logprobs` has one entry per token of `token_ids`."""
+        if len(token_ids) != len(logprobs):
+            raise ValueError(f"{len(token_ids)} token ids but {len(logprobs)} log-probs")
+        record = BehaviorRecord(version, np.asarray(logprobs, dtype=np.float32))
+        key = token_key(token_ids)
+        with self._lock:
+            records = self._by_version.get(version)
+            if records is None:
+                records = self._by_version[version] = {}
+                self._evict()
+            if key in records:
+                self.collisions += 1
+            records[key] = record
+            self.recorded += 1
+
+    def new_version(self, version: int | None) -> None:
+        """The servers now hold `version`'s weights: versions older than the window are dropped."""
+        with self._lock:
+            self._by_version.setdefault(version, {})
+            self._evict()
+
+    def _evict(self) -> None:
+        while len(self._by_version) > self.keep_versions:
+            _, dropped = self._by_version.popitem(last=False)
+            self.evicted += len(dropped)
+
+    def lookup(self, token_ids: Sequence[int] | np.ndarray) -> BehaviorRecord | None:
+        """The newest record of exactly these tokens, or None."""
+        key = token_key(token_ids)
+        with self._lock:
+            for records in reversed(self._by_version.values()):
+                record = records.get(key)
+                if record is not None:
+                    return record
+        return None
+
+    def stats(self) -> dict[str, int]:
+        """Counts and the bytes the records hold (keys and log-probs), for `/health` and metrics."""
+        with self._lock:
+            held = sum(len(r) for r in self._by_version.values())
+            nbytes = sum(len(k) + v.logprobs_T.nbytes for r in self._by_version.values() for k, v in r.items())
+            return {"records": held, "versions": len(self._by_version), "bytes": nbytes, "recorded": self.recorded,
+                    "evicted": self.evicted, "collisions": self.collisions}
