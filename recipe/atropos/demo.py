@@ -1,6 +1,6 @@
 """`make demo`: GRPO with advantages from the GSM8K environment service, on a CPU, in a few minutes.
 
-    python -m recipe.atropos.demo [--check] [--out outputs/demo] [--rollout hf|vllm] [hydra overrides...]
+    python -m recipe.atropos.demo [--config NAME] [--check] [--out outputs/demo] [--rollout hf|vllm] [hydra overrides...]
 
 1. Builds the offline assets once (tiny tokenizer, tiny Qwen2 warmed up for a few seconds,
    GSM8K-style arithmetic problems) under <out>/assets.
@@ -9,6 +9,11 @@
 3. Prints one line per step (reward, accuracy, whether the environment's advantages were used),
    then a summary with the per-step timing breakdown; writes verl's metrics to
    <out>/metrics.jsonl and the plot to <out>/reward.png.
+
+`--config mixed_grpo_cpu` (`make demo ARGS="--config mixed_grpo_cpu"`) trains on two environments at
+once: GSM8K-style problems through the GSM8K service and reasoning-gym's basic_arithmetic through the
+reasoning-gym service, both started by the launcher; each step's line and reward.png show each
+environment's reward (docs/many_environments.md). Its output goes to outputs/demo_mixed_grpo_cpu.
 
 `--rollout vllm` (`make demo ROLLOUT=vllm`, from .venv-vllm) runs the same demo with verl's own vLLM
 rollout on vLLM's CPU build: config/cpu/vllm.yaml is added to the config (`+cpu=vllm`).
@@ -30,8 +35,10 @@ from pathlib import Path
 from recipe.atropos.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-CONFIG = REPO_ROOT / "recipe/atropos/config/gsm8k_grpo_cpu.yaml"
-DEFAULT_STEPS = 30  # trainer.total_training_steps in gsm8k_grpo_cpu.yaml
+CONFIG_DIR = REPO_ROOT / "recipe/atropos/config"
+DEFAULT_CONFIG = "gsm8k_grpo_cpu"
+CONFIG = CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
+DEFAULT_STEPS = 30  # trainer.total_training_steps in gsm8k_grpo_cpu.yaml and mixed_grpo_cpu.yaml
 # --rollout: the overrides that select it (hf is gsm8k_grpo_cpu.yaml's own).
 ROLLOUTS = {"hf": [], "vllm": ["+cpu=vllm"]}
 ASSET_SETTINGS = {"num_train": 512, "num_test": 64, "seed": 0, "pretrain_steps": 300}
@@ -52,6 +59,29 @@ def ensure_assets(out: Path) -> Path:
     return assets_dir
 
 
+def ensure_reasoning_gym_data(assets_dir: Path) -> None:
+    """reasoning-gym's basic_arithmetic rows for the mixed demo (a few seconds; stamped on their own,
+    so the model is not rebuilt)."""
+    from recipe.atropos.tiny_assets import build_reasoning_gym_data
+
+    settings = {"task": "basic_arithmetic", "num_train": ASSET_SETTINGS["num_train"],
+                "num_test": ASSET_SETTINGS["num_test"], "seed": ASSET_SETTINGS["seed"]}
+    stamp = assets_dir / "REASONING_GYM_BUILT_WITH"
+    if stamp.exists() and stamp.read_text() == repr(sorted(settings.items())):
+        return
+    build_reasoning_gym_data(assets_dir, **settings)
+    stamp.write_text(repr(sorted(settings.items())))
+
+
+def config_file(name: str) -> Path:
+    """``--config``: a name in recipe/atropos/config (``mixed_grpo_cpu``) or a .yaml path."""
+    path = Path(name) if name.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*_cpu.yaml"))
+        raise SystemExit(f"demo: --config {name!r}: no such config ({path}); CPU configs here: {known}")
+    return path
+
+
 def _total_steps(overrides: list[str]) -> int:
     for override in overrides:
         if override.lstrip("+").startswith("trainer.total_training_steps="):
@@ -59,9 +89,10 @@ def _total_steps(overrides: list[str]) -> int:
     return DEFAULT_STEPS
 
 
-def run(out: Path, overrides: list[str], rollout: str = "hf") -> int:
+def run(out: Path, overrides: list[str], rollout: str = "hf", config: Path = CONFIG) -> int:
     """Run the launcher, echoing each step as verl logs it; returns the launcher's exit code."""
     assets_dir = ensure_assets(out)
+    ensure_reasoning_gym_data(assets_dir)
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
     env = {
@@ -76,18 +107,22 @@ def run(out: Path, overrides: list[str], rollout: str = "hf") -> int:
         "VERL_CPU_MODEL_PATH": str((assets_dir / "model").resolve()),
         "VERL_CPU_TRAIN_FILES": str((assets_dir / "data/train.parquet").resolve()),
         "VERL_CPU_VAL_FILES": str((assets_dir / "data/test.parquet").resolve()),
+        # The mixed demo's second environment (config/mixed_grpo_cpu.yaml).
+        "VERL_CPU_RG_TRAIN_FILES": str((assets_dir / "data/reasoning_gym_train.parquet").resolve()),
+        "VERL_CPU_RG_VAL_FILES": str((assets_dir / "data/reasoning_gym_test.parquet").resolve()),
         "RAY_DEDUP_LOGS": "1",
     }
     command = [
         sys.executable, str(REPO_ROOT / "recipe/atropos/launch_atropos_verl_services.py"),
-        "--config", str(CONFIG), "--run-dir", str(out / "launch"),
+        "--config", str(config), "--run-dir", str(out / "launch"),
         "+ray_kwargs.ray_init.include_dashboard=false",
         # A new Ray of its own: without an address ray.init() joins the last cluster `ray start`
         # recorded in /tmp/ray (another job's, on a shared machine).
         "++ray_kwargs.ray_init.address=local", *ROLLOUTS[rollout], *overrides,
     ]
     total = _total_steps(overrides)
-    print(f"demo: {total} GRPO steps on CPU, {rollout} rollout; service and trainer logs in {out / 'launch'}", flush=True)
+    print(f"demo: {config.stem}, {total} GRPO steps on CPU, {rollout} rollout; service and trainer logs in {out / 'launch'}",
+          flush=True)
     launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
     follower = StepFollower(metrics_path)
     try:
@@ -106,13 +141,20 @@ def run(out: Path, overrides: list[str], rollout: str = "hf") -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "outputs/demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="recipe config: a name in recipe/atropos/config (mixed_grpo_cpu: two environments) or a "
+                             ".yaml path (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default: outputs/demo, outputs/demo_<config> for another --config)")
     parser.add_argument("--rollout", choices=sorted(ROLLOUTS), default="hf",
                         help="hf: the recipe's Hugging Face rollout; vllm: verl's vLLM rollout (vLLM's CPU build, .venv-vllm)")
     parser.add_argument("--check", action="store_true", help="exit 3 unless the reward improved (last 5 steps vs first 5)")
     args, overrides = parser.parse_known_args(argv)
+    config = config_file(args.config)
+    if args.out is None:
+        args.out = REPO_ROOT / ("outputs/demo" if config == CONFIG else f"outputs/demo_{config.stem}")
     args.out.mkdir(parents=True, exist_ok=True)
-    returncode = run(args.out, overrides, args.rollout)
+    returncode = run(args.out, overrides, args.rollout, config)
     metrics_path = args.out / "metrics.jsonl"
     steps = read_steps(metrics_path) if metrics_path.exists() else []
     if not steps:

@@ -11,6 +11,10 @@ from typing import Iterator
 REWARD = "critic/score/mean"  # verl's mean sequence score: the environment-independent reward
 ACCURACY = "atropos/env/accuracy"
 FALLBACK = "atropos/fallback"
+# Per environment (several in one run, docs/many_environments.md): atropos/env/<name>/<metric>. The
+# reward curve of an environment is the first of these it logs.
+ENV_PREFIX = "atropos/env/"
+ENV_REWARD_METRICS = ("mean_score", "reward/mean", "score/mean")
 # The per-step timing breakdown, as verl (timing_s/...) and the trainer (atropos/...) log it.
 TIMING_KEYS = {
     "generation": "timing_s/gen",
@@ -60,9 +64,29 @@ class StepFollower:
                 yield {"step": record["step"], **record["data"]}
 
 
+def environment_rewards(step: dict) -> dict[str, float]:
+    """{environment name: its reward this step}, from ``atropos/env/<name>/<metric>`` keys (the first
+    metric of :data:`ENV_REWARD_METRICS` each environment logs); {} for a one-environment run."""
+    rewards: dict[str, float] = {}
+    for metric in ENV_REWARD_METRICS:
+        suffix = "/" + metric
+        for key, value in step.items():
+            if key.startswith(ENV_PREFIX) and key.endswith(suffix):
+                name = key[len(ENV_PREFIX) : -len(suffix)]
+                if name and "/" not in name and isinstance(value, (int, float)):
+                    rewards.setdefault(name, float(value))
+    return dict(sorted(rewards.items()))
+
+
+def environment_names(steps: list[dict]) -> list[str]:
+    """Every environment any step reports a reward for, sorted."""
+    return sorted({name for step in steps for name in environment_rewards(step)})
+
+
 def format_step(step: dict, total_steps: int | None = None) -> str:
     of = f"/{total_steps}" if total_steps else ""
     parts = [f"step {step['step']:>3}{of}", f"reward {step.get(REWARD, float('nan')):.3f}"]
+    parts += [f"{name} {value:.3f}" for name, value in environment_rewards(step).items()]
     if ACCURACY in step:
         parts.append(f"accuracy {step[ACCURACY]:.3f}")
     if FALLBACK in step:
@@ -121,8 +145,17 @@ def summarize(steps: list[dict], window: int = 5) -> RunSummary:
     )
 
 
+def reward_curves(steps: list[dict]) -> dict[str, list[float]]:
+    """The reward curves :func:`plot_reward` draws, by legend label: the run's, then one per environment."""
+    curves = {"reward (mean score)": [s.get(REWARD, float("nan")) for s in steps]}
+    for name in environment_names(steps):
+        curves[f"reward: {name}"] = [environment_rewards(s).get(name, float("nan")) for s in steps]
+    return curves
+
+
 def plot_reward(steps: list[dict], path: str | Path) -> Path:
-    """Reward (and accuracy, when the environment reports it) per step, as a PNG."""
+    """Reward (and accuracy, when the environment reports it) per step, as a PNG; with several
+    environments (``atropos/env/<name>/...``), one reward curve per environment as well."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,7 +163,11 @@ def plot_reward(steps: list[dict], path: str | Path) -> Path:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     x = [s["step"] for s in steps]
-    ax.plot(x, [s.get(REWARD, float("nan")) for s in steps], marker="o", label="reward (mean score)")
+    for label, y in reward_curves(steps).items():
+        if label == "reward (mean score)":
+            ax.plot(x, y, marker="o", label=label)
+        else:
+            ax.plot(x, y, marker=".", linestyle="--", label=label)
     if any(ACCURACY in s for s in steps):
         ax.plot(x, [s.get(ACCURACY, float("nan")) for s in steps], marker=".", label="accuracy (environment)")
     fallback = [s["step"] for s in steps if s.get(FALLBACK)]

@@ -241,6 +241,29 @@ def build_assets(
     )
 
 
+def build_reasoning_gym_data(
+    out_dir: str | os.PathLike, task: str = "basic_arithmetic", num_train: int = 512, num_test: int = 64, seed: int = 0
+) -> tuple[Path, Path]:
+    """``data/reasoning_gym_{train,test}.parquet`` under ``out_dir``: one reasoning-gym task in verl's RL
+    format (data_source ``reasoning_gym/<task>``), generated locally, for the mixed CPU demo.
+
+    Questions alone, without reasoning-gym's system prompt: the tiny model's prompts are 96 tokens.
+    """
+    import pandas as pd
+
+    from recipe.atropos.environments.reasoning_gym_env import rl_rows
+
+    data = Path(out_dir) / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    size = num_train + num_test
+    paths = []
+    for split, indices in (("train", range(num_train)), ("test", range(num_train, size))):
+        path = data / f"reasoning_gym_{split}.parquet"
+        pd.DataFrame(rl_rows(task, seed, size, indices, split, None)).to_parquet(path, index=False)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/assets", help="output folder (default: %(default)s)")

@@ -30,6 +30,7 @@ from recipe.atropos.config import MODES, AtroposTrainerConfig
 __all__ = [
     "AtroposEnvironmentConfig",
     "EnvironmentConfig",
+    "EnvironmentServiceConfig",
     "InferenceConfig",
     "LauncherConfig",
     "LauncherConfigError",
@@ -80,6 +81,15 @@ class EnvironmentConfig:
     stable_after_s: float = 300.0
     api_key: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnvironmentServiceConfig(EnvironmentConfig):
+    """One more environment service of evaluate mode (``launcher.environment_services``): the
+    fields of ``launcher.environment`` and a name (its process is ``environment-<name>``). Several
+    environments in one run (``trainer.atropos.environments``, docs/many_environments.md)."""
+
+    name: str
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,8 @@ class LauncherConfig:
     trajectory_api: TrajectoryApiConfig = field(default_factory=TrajectoryApiConfig)
     policy_endpoint: PolicyEndpointConfig = field(default_factory=PolicyEndpointConfig)
     environments: tuple[AtroposEnvironmentConfig, ...] = ()
+    # Evaluate mode: environment services started, waited for and restarted like `environment`.
+    environment_services: tuple[EnvironmentServiceConfig, ...] = ()
     # Not keys of the section: set from the composed config (trainer.atropos.mode, the SECRET_KEYS
     # that are set, trainer.atropos.policy_gateway_host, trainer.device).
     mode: str = "evaluate"
@@ -244,10 +256,11 @@ def parse_launcher_section(section: Any, mode: Any = "evaluate") -> LauncherConf
     if mode not in MODES:
         raise LauncherConfigError(f"{MODE_KEY} must be one of {list(MODES)}, got {mode!r}")
     cfg = _build(LauncherConfig, section, SECTION)
-    names = [e.name for e in cfg.environments]
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise LauncherConfigError(f"{SECTION}.environments: names must be unique, repeated: {duplicates}")
+    for key in ("environments", "environment_services"):
+        names = [e.name for e in getattr(cfg, key)]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise LauncherConfigError(f"{SECTION}.{key}: names must be unique, repeated: {duplicates}")
     return dataclasses.replace(cfg, mode=mode)
 
 

@@ -63,13 +63,20 @@ def format_plan(plan: LaunchPlan) -> str:
         f"restarted up to {env_cfg.max_restarts} time(s) in a row if it dies, "
         f"backoff {env_cfg.restart_backoff_s:g} s doubling",
     )
+    for svc_cfg, spec in zip(plan.config.environment_services, plan.environment_services, strict=True):
+        describe(
+            spec,
+            f"environment service {svc_cfg.name}; restarted up to {svc_cfg.max_restarts} time(s) in a row if it dies, "
+            f"backoff {svc_cfg.restart_backoff_s:g} s doubling",
+        )
     for worker in plan.inference:
         describe(worker, "inference worker; its exit ends the run")
     for reg in plan.registrations:
         step += 1
-        lines.append(
-            f"{step}. POST {plan.environment.base_url}/register_inference_endpoint "
-            f"base_url={reg.base_url} model={reg.model} (404: not supported, go on)"
-        )
+        for service in (plan.environment, *plan.environment_services):
+            lines.append(
+                f"{step}. POST {service.base_url}/register_inference_endpoint "
+                f"base_url={reg.base_url} model={reg.model} (404: not supported, go on)"
+            )
     describe(plan.trainer, "its exit ends the run with its exit code")
     return "\n".join(lines)

@@ -109,6 +109,18 @@ def _evaluate_plan(
     api_key = env_cfg.api_key or environ.get("ATROPOS_ENV_API_KEY") or environ.get("ATROPOS_API_KEY") or None
     env = {**env_cfg.env, **({"ATROPOS_ENV_API_KEY": api_key} if api_key else {})}
     environment = _server("environment", "environment", env_cfg, common, "launcher.environment", env)
+    # Each further service gets the same key: its client is the same trainer. {name} is its name.
+    for i, svc in enumerate(cfg.environment_services):
+        if svc.api_key:
+            raise LauncherConfigError(
+                f"launcher.environment_services[{i}].api_key is set: every environment service gets "
+                "launcher.environment.api_key (or $ATROPOS_ENV_API_KEY); set that one and leave this null"
+            )
+    environment_services = tuple(
+        _server(f"environment-{svc.name}", "environment", svc, {**common, "name": svc.name},
+                f"launcher.environment_services[{i}]", {**svc.env, **({"ATROPOS_ENV_API_KEY": api_key} if api_key else {})})
+        for i, svc in enumerate(cfg.environment_services)
+    )
 
     inference, registrations = _inference_services(cfg, common)
 
@@ -126,13 +138,14 @@ def _evaluate_plan(
         secrets=_secrets(cfg, api_key),
     )
 
-    _check_ports_distinct((environment, *inference))
+    _check_ports_distinct((environment, *environment_services, *inference))
     return LaunchPlan(
         config=cfg,
         config_file=config_file,
         run_dir=run_dir,
         workdir=workdir,
         environment=environment,
+        environment_services=environment_services,
         inference=inference,
         registrations=registrations,
         trainer=trainer,

@@ -79,7 +79,7 @@ class PolicyEndpoint:
 class LaunchPlan:
     """Everything a launch does, in order.
 
-    evaluate mode: environment service, inference workers, registrations, trainer.
+    evaluate mode: environment service(s), inference workers, registrations, trainer.
     trajectory mode: run-api, trainer, (the trainer's policy endpoint answers) environments.
     """
 
@@ -97,13 +97,17 @@ class LaunchPlan:
     trajectory_api: ServiceSpec | None = None
     policy: PolicyEndpoint | None = None
     environments: tuple[ServiceSpec, ...] = ()
+    # Evaluate mode: launcher.environment_services, after `environment`.
+    environment_services: tuple[ServiceSpec, ...] = ()
 
     @property
     def services(self) -> tuple[ServiceSpec, ...]:
         """In start order."""
         if self.mode == "trajectory":
             return (*([self.trajectory_api] if self.trajectory_api else []), self.trainer, *self.environments)
-        return (*([self.environment] if self.environment else []), *self.inference, self.trainer)
+        return (
+            *([self.environment] if self.environment else []), *self.environment_services, *self.inference, self.trainer
+        )
 
     def child_env(self, spec: ServiceSpec) -> dict[str, str]:
         """The full environment of ``spec``'s process."""

@@ -1,6 +1,7 @@
 """Run a launch plan: start in order, register endpoints, supervise, and always clean up.
 
-Order: environment service (wait for its health), inference workers (wait for all), register each
+Order: environment service(s) (``launcher.environment`` and ``launcher.environment_services``,
+wait for their health), inference workers (wait for all), register each
 worker with the service, trainer. Then, until the trainer exits: a dead environment service is
 restarted (:mod:`.restart`), a dead inference worker ends the run (the environment's judge or tool
 calls would fail from then on, silently degrading training). Whatever ends the run, an exception,
@@ -195,18 +196,31 @@ class Launcher:
     # ---- evaluate mode --------------------------------------------------------------------
 
     def _start_environment(self) -> None:
-        proc = self._start(self.plan.environment)
-        logger.info("environment service started (pid %s), waiting for %s", proc.pid, proc.spec.health_url)
-        wait_until_healthy([proc], self.plan.environment.start_timeout_s, self.plan.config.progress_interval_s)
-        self.keeper = EnvironmentKeeper(
-            proc,
-            self.plan.config.environment,
-            grace_s=self.plan.config.shutdown_grace_s,
-            progress_interval_s=self.plan.config.progress_interval_s,
-            on_healthy=lambda: self._register_endpoints(initial=False),
-            on_change=self._write_state,
-            start=lambda: self._restart(proc),
-        )
+        """The environment service and launcher.environment_services: started together, waited for
+        together, each kept up by its own keeper (the first as ``self.keeper``)."""
+        plan = self.plan
+        specs = [plan.environment, *plan.environment_services]
+        configs = [plan.config.environment, *plan.config.environment_services]
+        procs = [self._start(spec) for spec in specs]
+        for proc in procs:
+            logger.info("environment service %s started (pid %s), waiting for %s", proc.name, proc.pid, proc.spec.health_url)
+        wait_until_healthy(procs, max(spec.start_timeout_s for spec in specs), plan.config.progress_interval_s)
+        for proc, cfg in zip(procs, configs, strict=True):
+            keeper = EnvironmentKeeper(
+                proc,
+                cfg,
+                label="environment service" if proc.spec is plan.environment else f"environment service {proc.name}",
+                grace_s=plan.config.shutdown_grace_s,
+                progress_interval_s=plan.config.progress_interval_s,
+                # A restarted service has forgotten the inference endpoints registered with it.
+                on_healthy=lambda spec=proc.spec: self._register_endpoints(initial=False, services=[spec]),
+                on_change=self._write_state,
+                start=lambda proc=proc: self._restart(proc),
+            )
+            if proc.spec is plan.environment:
+                self.keeper = keeper
+            else:
+                self.env_keepers[proc.name] = keeper
 
     def _start_inference(self) -> None:
         if not self.plan.inference:
@@ -216,15 +230,20 @@ class Launcher:
         logger.info("inference workers started: %s; waiting for their health", names)
         wait_until_healthy(workers, self.plan.inference[0].start_timeout_s, self.plan.config.progress_interval_s)
 
-    def _register_endpoints(self, *, initial: bool) -> None:
-        """POST every worker to ``/register_inference_endpoint``; a 404 means "not supported"."""
+    def _register_endpoints(self, *, initial: bool, services: list[ServiceSpec] | None = None) -> None:
+        """POST every worker to ``/register_inference_endpoint`` of each environment service
+        (default: all of them); a 404 means "not supported"."""
         if not self.plan.registrations:
             return
+        for service in services or [self.plan.environment, *self.plan.environment_services]:
+            self._register_with(service, initial=initial)
+
+    def _register_with(self, service: ServiceSpec, *, initial: bool) -> None:
         from recipe.atropos.errors import AtroposAPIError
         from recipe.atropos.evaluate.client import AtroposEnvironmentClient  # numpy: only when needed
 
         with AtroposEnvironmentClient(
-            self.plan.environment.base_url or "",
+            service.base_url or "",
             timeout=10.0,
             retry_attempts=3,
             retry_delay=0.5,
@@ -236,19 +255,19 @@ class Launcher:
                 try:
                     supported = client.register_inference_endpoint(reg.base_url, reg.model, reg.api_key)
                 except AtroposAPIError as exc:
-                    message = f"registering {reg.worker} ({reg.base_url}) with the environment service failed: {exc}"
+                    message = f"registering {reg.worker} ({reg.base_url}) with {service.name} failed: {exc}"
                     if initial:
                         raise LaunchError(message) from exc
                     logger.warning("%s; going on without it", message)
                     return
                 if not supported:
                     logger.info(
-                        "the environment service does not support /register_inference_endpoint (404): "
-                        "inference workers not registered, going on"
+                        "%s does not support /register_inference_endpoint (404): "
+                        "inference workers not registered, going on", service.name
                     )
                     return
                 logger.info(
-                    "registered %s (%s, model %s) with the environment service", reg.worker, reg.base_url, reg.model
+                    "registered %s (%s, model %s) with %s", reg.worker, reg.base_url, reg.model, service.name
                 )
 
     def _supervise(self, trainer: ManagedProcess, watched: list[ManagedProcess] | None = None) -> int:

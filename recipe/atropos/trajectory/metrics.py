@@ -72,3 +72,64 @@ def policy_step_of(group: Mapping[str, Any]) -> int | None:
     params = group.get("generation_params")
     step = params.get(POLICY_STEP_KEY) if isinstance(params, Mapping) else None
     return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) else None
+
+
+# --------------------------------------------------------------------------------------------
+# Per environment (several Atropos environments feeding one run-api)
+# --------------------------------------------------------------------------------------------
+
+ENV_METRIC_PREFIX = "atropos/env/"
+
+
+def env_label(env_id: Any, names: Mapping[int, str] | None = None) -> str:
+    """The name a group's ``env_id`` is reported under: its registered name when known, else
+    ``env_<id>`` (``unknown`` for a group sent without an id)."""
+    if isinstance(env_id, (int, np.integer)) and not isinstance(env_id, bool):
+        name = (names or {}).get(int(env_id))
+        return _metric_safe(name) if name else f"env_{int(env_id)}"
+    return "unknown"
+
+
+def environment_metrics(
+    env_id_B: Sequence[Any],
+    score_B: Sequence[float],
+    advantage_B: Sequence[float] | None = None,
+    names: Mapping[int, str] | None = None,
+) -> dict[str, float]:
+    """Per environment, under ``atropos/env/<name>/``, from one step's rows (one row per sequence):
+
+    - ``batch_share``: its fraction of the step's sequences (what run-api's weights and
+      ``min_batch_allocation`` steer);
+    - ``samples``: its sequences this step;
+    - ``mean_score``: mean score of its sequences;
+    - ``advantage_mean``, ``advantage_abs_mean``: mean of each sequence's (token-mean) advantage, as
+      trained, and of its magnitude (0 for a group whose scores were all equal).
+
+    ``names`` maps run-api's ``env_id`` to the environment's registered name (``desired_name``);
+    several registrations of one name (a restarted environment) are reported together.
+    """
+    labels = [env_label(e, names) for e in env_id_B]
+    scores = np.asarray(score_B, dtype=np.float64)
+    advantages = None if advantage_B is None else np.asarray(advantage_B, dtype=np.float64)
+    total = len(labels)
+    metrics: dict[str, float] = {}
+    for label in sorted(set(labels)):
+        rows = np.array([lab == label for lab in labels])
+        prefix = f"{ENV_METRIC_PREFIX}{label}/"
+        metrics[prefix + "batch_share"] = float(rows.sum()) / total
+        metrics[prefix + "samples"] = float(rows.sum())
+        metrics[prefix + "mean_score"] = _finite_mean(scores[rows])
+        if advantages is not None:
+            metrics[prefix + "advantage_mean"] = _finite_mean(advantages[rows])
+            metrics[prefix + "advantage_abs_mean"] = _finite_mean(np.abs(advantages[rows]))
+    return metrics
+
+
+def _finite_mean(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def _metric_safe(name: str) -> str:
+    # A metric key's path segment: '/' would split it into two levels in every logger.
+    return "".join(c if c.isalnum() or c in "_.-" else "_" for c in str(name)) or "unnamed"

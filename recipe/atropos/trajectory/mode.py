@@ -8,15 +8,20 @@ The trainer (grpo_atropos_trainer.py) calls the same methods on either mode's ob
   sleep and take new weights), and verl's rollout manager is replaced by one that registers with
   run-api at the first step and pulls each step's batch (validation keeps verl's own);
 - ``before_old_log_prob``: the groups' uids become verl's ``uid`` (GRPO groups);
-- ``before_update``: the environments' token-level advantages, where sent, override GRPO;
+- ``before_update``: the environments' token-level advantages, where sent, override GRPO; the
+  step's metrics per environment (``atropos/env/<name>/...``, names from run-api's ``/envs``);
 - ``rollout_dump``: the dataloader row's ground truth, which is not the environments' sample's, is
   left out of verl's rollout dump.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+import requests
 from omegaconf import open_dict
 
 from verl import DataProto
@@ -24,10 +29,15 @@ from verl import DataProto
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.trajectory.gateway import PolicyGateway, check_port_free
+from recipe.atropos.trajectory.metrics import environment_metrics
 from recipe.atropos.trajectory import weight_sync
 from recipe.atropos.trajectory.rollout import OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.trajectory.scored_data import TrajectoryLimits
+
+logger = logging.getLogger(__name__)
+# The rows' run-api env_id (trajectory/scored_data.py's non-tensor).
+ENV_ID_KEY = "atropos_env_id"
 
 
 class TrajectoryMode:
@@ -36,6 +46,7 @@ class TrajectoryMode:
         self.grpo_computer = grpo_computer
         self.gateway: PolicyGateway | None = None
         self.rollout: TrajectoryRolloutManager | None = None
+        self.env_names = RegisteredEnvNames(atropos_config.trajectory_api_url)
 
     def before_workers(self, trainer: Any) -> None:
         use_gated_weight_sync(trainer.config.actor_rollout_ref.rollout)
@@ -94,7 +105,24 @@ class TrajectoryMode:
         )
         batch.batch["advantages"] = output.advantages_BT
         batch.batch["returns"] = output.returns_BT
-        return {**output.metrics, **(self.rollout.last_metrics if self.rollout is not None else {})}
+        return {
+            **output.metrics,
+            **(self.rollout.last_metrics if self.rollout is not None else {}),
+            **self._environment_metrics(batch),
+        }
+
+    def _environment_metrics(self, batch: DataProto) -> dict[str, float]:
+        """``atropos/env/<name>/...`` of the step's rows (metrics.environment_metrics)."""
+        env_ids = batch.non_tensor_batch.get(ENV_ID_KEY)
+        if env_ids is None:
+            return {}
+        mask = batch.batch["response_mask"].float()
+        scores = batch.batch["token_level_rewards"].float().sum(-1)
+        # A sequence's advantage: its token mean over the response (GRPO's is the same on every token).
+        advantages = (batch.batch["advantages"].float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return environment_metrics(
+            list(env_ids), scores.cpu().numpy(), advantages.cpu().numpy(), names=self.env_names.lookup(env_ids)
+        )
 
     def rollout_dump(self, batch: DataProto) -> DataProto:
         # The environments' samples only joined the dataloader's rows (which drive `fit()`): that
@@ -105,6 +133,54 @@ class TrajectoryMode:
     def close(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
+
+
+class RegisteredEnvNames:
+    """run-api's ``env_id`` -> registered name, read from ``GET /envs`` (recipe.atropos.launcher.run_api).
+
+    Asked again only when a batch holds an id it has not seen (an environment registered since,
+    e.g. after a restart). A run-api without the route (atroposlib's own, 404) or one that does not
+    answer leaves the ids unnamed (``env_<id>``); that is said once and never stops training.
+    """
+
+    def __init__(self, api_url: str | None, *, timeout_s: float = 2.0):
+        self.api_url = (api_url or "").rstrip("/")
+        self.timeout_s = timeout_s
+        self.names: dict[int, str] = {}
+        self._unsupported = not self.api_url
+        self._warned = False
+
+    def lookup(self, env_ids: Any) -> Mapping[int, str]:
+        wanted = {int(e) for e in env_ids if isinstance(e, (int, np.integer)) and not isinstance(e, bool)}
+        if wanted - self.names.keys() and not self._unsupported:
+            self._refresh()
+        return self.names
+
+    def _refresh(self) -> None:
+        try:
+            answer = requests.get(f"{self.api_url}/envs", timeout=self.timeout_s)
+        except requests.RequestException as exc:  # asked again at the next unseen id
+            self._warn_once(f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            envs = answer.json().get("envs") if answer.status_code == 200 else None
+        except (ValueError, AttributeError):
+            envs = None
+        if not isinstance(envs, list):  # a run-api without the route: never asked again
+            self._unsupported = True
+            self._warn_once(f"HTTP {answer.status_code}")
+            return
+        for env in envs:
+            if isinstance(env, Mapping) and isinstance(env.get("env_id"), int) and env.get("name"):
+                self.names[env["env_id"]] = str(env["name"])
+
+    def _warn_once(self, reason: str) -> None:
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "GET %s/envs gave no environment names (%s): per-environment metrics are named env_<id>; "
+                "run-api started as `python -m recipe.atropos.launcher.run_api` names them", self.api_url, reason,
+            )
 
 
 def use_gated_weight_sync(rollout: Any) -> None:
