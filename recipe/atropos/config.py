@@ -33,6 +33,7 @@ API_KEY_ENV = "ATROPOS_API_KEY"
 POLICY_API_KEY_ENV = "ATROPOS_POLICY_API_KEY"
 MODES = ("evaluate", "trajectory")
 ENCODINGS = ("auto", "json", "msgpack")
+UNMATCHED_SAMPLES = ("keep", "drop")
 SECTION = "trainer.atropos"
 # The groups of keys, in the order the YAML and the README show them.
 GROUPS = {"shared": "Both modes", "evaluate": "Evaluate mode", "trajectory": "Trajectory mode"}
@@ -134,6 +135,23 @@ class AtroposTrainerConfig:
         (the trainer refuses to start). The launcher gives it to environments as
         `{{policy_api_key}}`; prefer the environment variable to writing it here (verl prints its
         config, this key included, into the trainer's log).""")
+    max_staleness: int = _key(8, "trajectory", """
+        Most weights versions a trained sample may lag: the policy gateway records which training
+        step's weights generated each completion, and a group with any sample more than this many
+        steps older than the weights the trainer holds is dropped (`atropos/dropped_groups/stale`),
+        its place filled from later groups. 8, as prime-rl's `max_off_policy_steps` and verl's
+        `max_off_policy_threshold`: environments routinely run 1-3 steps ahead, which verl's
+        `algorithm.rollout_correction` (fed the recorded log-probs) corrects; far beyond that the
+        importance weights are mostly clipped and the sample teaches little. `0`: on-policy only.
+        The gateway keeps `max_staleness + 2` versions of records (docs/trajectory_mode.md).""", _NON_NEGATIVE)
+    unmatched_samples: str = _key("keep", "trajectory", """
+        What to do with a sample whose generated tokens the gateway never produced (an environment
+        that re-tokenizes the text it got back, or generates elsewhere), so neither its staleness
+        nor its behaviour log-probs are known: `keep` trains it with an importance weight of 1
+        (counted: `atropos/behavior_matched_fraction`); `drop` drops its group
+        (`atropos/dropped_groups/unmatched`). `keep` by default so that such environments still
+        train; `drop` for a strict staleness bound (required by `rollout_correction.bypass_mode`).""",
+        _one_of(UNMATCHED_SAMPLES))
 
     @classmethod
     def parse(cls, node: Mapping[str, Any] | None) -> AtroposTrainerConfig:
