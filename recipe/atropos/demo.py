@@ -25,12 +25,14 @@ Every process it starts is stopped at the end, on Ctrl-C too (the launcher's sup
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from recipe.atropos.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
 
@@ -80,6 +82,25 @@ def config_file(name: str) -> Path:
         known = sorted(p.stem for p in CONFIG_DIR.glob("*_cpu.yaml"))
         raise SystemExit(f"demo: --config {name!r}: no such config ({path}); CPU configs here: {known}")
     return path
+
+
+def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any) -> float:
+    """verl's own reward in the mixed demo (``reward.custom_reward_function`` of mixed_grpo_cpu.yaml):
+    reasoning-gym rows by the task's own verifier, as the reasoning-gym service judges them; every
+    other row by verl's default scorer. verl scores every sample itself (the run's reward, and the
+    fallback when an environment is down), and its default scorer knows no reasoning_gym/<task>."""
+    if str(data_source).startswith("reasoning_gym/"):
+        return _reasoning_gym_judge().score(solution_str, str(ground_truth))
+    from verl.utils.reward_score import default_compute_score
+
+    return default_compute_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
+
+
+@functools.cache
+def _reasoning_gym_judge() -> Any:
+    from recipe.atropos.environments.reasoning_gym_env import ReasoningGymJudge
+
+    return ReasoningGymJudge()
 
 
 def _total_steps(overrides: list[str]) -> int:
