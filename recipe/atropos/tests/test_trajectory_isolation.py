@@ -117,6 +117,6 @@ def test_any_group_content_costs_its_rows_not_the_batch(pulled):
         overrides = AdvantageOverrides(batch.token_level_advantages_BT, batch.advantage_override_mask_B)
     out = AtroposGRPOComputer().compute_from_overrides(rewards, batch.response_mask_BT, batch.uid_B, overrides)
     assert torch.isfinite(out.advantages_BT).all()
-    metrics = trajectory_metrics(pulled, current_step=3)
+    metrics = trajectory_metrics(pulled)
     assert all(isinstance(v, float) for v in metrics.values())
     assert np.isfinite([v for k, v in metrics.items() if k != "atropos/mean_score"]).all()

@@ -1,4 +1,9 @@
-"""Metrics of one ``GET /batch`` answer (scores, group sizes, overrides, staleness), under ``atropos/``."""
+"""Metrics of one ``GET /batch`` answer (scores, group sizes, overrides), under ``atropos/``.
+
+Staleness is measured from the policy gateway's records (trajectory/staleness.py), not here:
+run-api's step counts batches handed out, several at once, and says nothing of the weights that
+generated a group.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from recipe.atropos.protocol import POLICY_STEP_KEY
 
 
-def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int | None = None) -> dict[str, float]:
+def trajectory_metrics(groups: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Metrics of one ``GET /batch`` answer, under ``atropos/``.
 
     - ``batch_groups``, ``batch_samples``: groups and sequences in the batch;
@@ -22,10 +26,7 @@ def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int
     - ``set_advantage_to_zero_fraction``: fraction of sequences whose group's ``overrides`` asked
       ``set_advantage_to_zero`` (an environment's choice, not how many advantages came out 0);
     - ``group_size/min``, ``group_size/max``: sequences per group (each group is its own GRPO group,
-      whatever ``rollout.n`` says);
-    - with ``current_step`` (the trajectory API's step, ``GET /status``) and groups whose
-      ``generation_params`` carry ``policy_step``: ``staleness/mean``, ``staleness/max``
-      (current_step - policy_step over those groups) and ``staleness/known_fraction``.
+      whatever ``rollout.n`` says).
     """
     scores_G = [_numeric_scores(group) for group in groups]  # what a malformed group holds is skipped
     scores = [s for group_scores in scores_G for s in group_scores]
@@ -46,13 +47,6 @@ def trajectory_metrics(groups: Sequence[Mapping[str, Any]], *, current_step: int
     sizes = [len(_list_or_empty(group.get("scores"))) for group in groups]
     if sizes:
         metrics["atropos/group_size/min"], metrics["atropos/group_size/max"] = float(min(sizes)), float(max(sizes))
-    if current_step is not None and groups:
-        steps = [policy_step_of(group) for group in groups]
-        known = [current_step - s for s in steps if s is not None]
-        metrics["atropos/staleness/known_fraction"] = len(known) / len(groups)
-        if known:
-            metrics["atropos/staleness/mean"] = float(np.mean(known))
-            metrics["atropos/staleness/max"] = float(max(known))
     return metrics
 
 
@@ -65,13 +59,6 @@ def _numeric_scores(group: Any) -> list[float]:
     if not isinstance(values, list):
         return []
     return [float(v) for v in values if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]
-
-
-def policy_step_of(group: Mapping[str, Any]) -> int | None:
-    """``generation_params["policy_step"]`` of a group when it is an integer, else None."""
-    params = group.get("generation_params")
-    step = params.get(POLICY_STEP_KEY) if isinstance(params, Mapping) else None
-    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) and math.isfinite(step) else None
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,6 +8,9 @@ The trainer (grpo_atropos_trainer.py) calls the same methods on either mode's ob
   sleep and take new weights), and verl's rollout manager is replaced by one that registers with
   run-api at the first step and pulls each step's batch (validation keeps verl's own);
 - ``before_old_log_prob``: the groups' uids become verl's ``uid`` (GRPO groups);
+- ``after_old_log_prob``: samples the gateway never generated (kept, ``unmatched_samples: keep``)
+  get their recomputed log-probs as ``rollout_log_probs``, so verl's rollout correction weighs
+  them 1 (trajectory/staleness.py);
 - ``before_update``: the environments' token-level advantages, where sent, override GRPO; the
   step's metrics per environment (``atropos/env/<name>/...``, names from run-api's ``/envs``);
 - ``rollout_dump``: the dataloader row's ground truth, which is not the environments' sample's, is
@@ -34,6 +37,7 @@ from recipe.atropos.trajectory import weight_sync
 from recipe.atropos.trajectory.rollout import OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.trajectory.scored_data import TrajectoryLimits
+from recipe.atropos.trajectory.staleness import BEHAVIOR_MATCHED, check_rollout_correction, fill_unmatched
 
 logger = logging.getLogger(__name__)
 # The rows' run-api env_id (trajectory/scored_data.py's non-tensor).
@@ -50,6 +54,7 @@ class TrajectoryMode:
 
     def before_workers(self, trainer: Any) -> None:
         use_gated_weight_sync(trainer.config.actor_rollout_ref.rollout)
+        check_rollout_correction(trainer.config.algorithm.get("rollout_correction"), self.config.unmatched_samples)
         # Before the (slow) workers: a busy port is a clear stop now, not after the model loads.
         check_port_free(self.config.policy_gateway_host, self.config.policy_gateway_port)
 
@@ -67,6 +72,9 @@ class TrajectoryMode:
             servers, host=cfg.policy_gateway_host, port=cfg.policy_gateway_port,
             hold_timeout_s=cfg.policy_hold_timeout_s, drain_timeout_s=cfg.policy_drain_timeout_s,
             max_held=cfg.policy_max_held_requests, api_key=cfg.policy_api_key,
+            # A group is matched when pulled, up to max_staleness versions after it was generated
+            # (+1: the version being generated now; +1: the initial sync's).
+            keep_versions=cfg.max_staleness + 2,
         ).start()
         trainer.checkpoint_manager.gateway = gateway
         return gateway
@@ -86,6 +94,7 @@ class TrajectoryMode:
         return TrajectoryRolloutManager(
             client, limits, validation_manager=trainer.async_rollout_manager, config=config,
             total_steps=trainer.total_training_steps, batch_timeout_s=cfg.batch_timeout_s,
+            records=self.gateway.records if self.gateway is not None else None,
         )
 
     def before_old_log_prob(self, batch: DataProto, step: int) -> None:
@@ -93,10 +102,17 @@ class TrajectoryMode:
         # hook in rollout-correction bypass mode).
         batch.non_tensor_batch["uid"] = group_uids(batch)
 
+    def after_old_log_prob(self, batch: DataProto, old_log_prob: DataProto) -> None:
+        """Before verl's rollout correction reads them: unmatched rows' rollout_log_probs = their own
+        old_log_probs (importance weight 1)."""
+        fill_unmatched(batch.batch, old_log_prob.batch["old_log_probs"])
+
     def before_update(self, batch: DataProto, step: int) -> dict[str, float]:
         """The environments' token-level advantages (where sent) override GRPO on verl's batch;
         returns the step's ``atropos/...`` metrics."""
         batch.non_tensor_batch["uid"] = group_uids(batch)
+        if BEHAVIOR_MATCHED in batch.batch.keys():
+            batch.pop(batch_keys=[BEHAVIOR_MATCHED])  # used by after_old_log_prob; the actor does not need it
         keys = [k for k in (OVERRIDES, OVERRIDE_MASK) if k in batch.batch.keys()]
         sent = batch.pop(batch_keys=keys).batch if keys else None
         overrides = AdvantageOverrides(sent[OVERRIDES], sent[OVERRIDE_MASK]) if sent is not None else None
@@ -105,11 +121,16 @@ class TrajectoryMode:
         )
         batch.batch["advantages"] = output.advantages_BT
         batch.batch["returns"] = output.returns_BT
-        return {
+        metrics = {
             **output.metrics,
             **(self.rollout.last_metrics if self.rollout is not None else {}),
             **self._environment_metrics(batch),
         }
+        # GRPO on environments' scores is this mode's design, not a fallback: only advantages that
+        # were sent and could not be used are (dropped in the conversion, or rejected here).
+        fell_back = metrics.get("atropos/trajectory/dropped/advantages", 0.0) + metrics.get("atropos/shape_mismatches", 0.0)
+        metrics["atropos/fallback"] = 1.0 if fell_back else 0.0
+        return metrics
 
     def _environment_metrics(self, batch: DataProto) -> dict[str, float]:
         """``atropos/env/<name>/...`` of the step's rows (metrics.environment_metrics)."""

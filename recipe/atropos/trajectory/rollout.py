@@ -5,6 +5,12 @@ Atropos environments generate through the policy's inference endpoints, score, a
 verl's agent-loop manager in `fit()`: its `generate_sequences` pulls one full batch from `/batch`
 (bounded wait, with progress), converts it (recipe/atropos/trajectory/scored_data.py) and hands verl the
 tensors it expects after generation. Validation still generates with verl's own manager.
+
+With the policy gateway's records (trajectory/behavior.py), every pulled group is matched to what
+the gateway generated (trajectory/staleness.py): groups beyond ``trainer.atropos.max_staleness``
+(and, with ``unmatched_samples: drop``, groups the gateway never generated) are dropped and the
+batch is filled from later groups, kept across steps; the recorded log-probs become verl's
+``rollout_log_probs``, which its ``algorithm.rollout_correction`` uses.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ from typing import Any
 import numpy as np
 
 from recipe.atropos.config import AtroposTrainerConfig
-from recipe.atropos.errors import AtroposAPIError
 from recipe.atropos.trajectory import diagnostics
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
+from recipe.atropos.trajectory.behavior import BehaviorRecords
 from recipe.atropos.trajectory.metrics import trajectory_metrics
 from recipe.atropos.trajectory.scored_data import TrajectoryLimits, scored_groups_to_batch
+from recipe.atropos.trajectory.staleness import BEHAVIOR_MATCHED, Selection, StalenessFilter
 from verl import DataProto
 
 logger = logging.getLogger("verl.recipe.atropos")
@@ -70,6 +77,7 @@ class TrajectoryRolloutManager:
         batch_timeout_s: float,
         poll_interval_s: float = 0.5,
         progress_interval_s: float = 5.0,
+        records: BehaviorRecords | None = None,
     ):
         self.client = client
         self.config = config
@@ -88,6 +96,11 @@ class TrajectoryRolloutManager:
         self._last_dropped_size: tuple[int, int] | None = None  # (sequences, groups)
         self._pending_groups: list[dict] | None = None
         self._registered = False
+        # The gateway's records (None: no gateway, no matching): staleness bound and behaviour log-probs.
+        self.staleness = None if records is None else StalenessFilter(
+            records, self.atropos_config.max_staleness, self.atropos_config.unmatched_samples
+        )
+        self._warned_unmatched = False
 
     def register(self, starting_step: int) -> int:
         """`POST /register` with what this run pulls, then the first `GET /batch`, which environments
@@ -114,7 +127,10 @@ class TrajectoryRolloutManager:
         if not self._registered:  # at the first step, once fit() knows the step it resumes from
             self.register(starting_step=int(gen_batch.meta_info.get("global_steps", 1)) - 1)
         start = time.perf_counter()
-        groups = self._pull_batch(len(gen_batch))
+        # The servers hold the weights of the previous step's update (fit() syncs them with its
+        # global_steps after each update): the version every pulled sample is measured against.
+        current_version = int(gen_batch.meta_info.get("global_steps", 1)) - 1
+        groups, selection = self._pull_batch(len(gen_batch), current_version)
         wait_s = time.perf_counter() - start
         # With fallback on, a sequence (or group) that cannot be trained costs its rows only; counted.
         converted = scored_groups_to_batch(groups, self.limits, drop_malformed=self.fallback)
@@ -122,20 +138,35 @@ class TrajectoryRolloutManager:
         if converted.token_level_advantages_BT is not None:
             tensors[OVERRIDES] = converted.token_level_advantages_BT
             tensors[OVERRIDE_MASK] = converted.advantage_override_mask_B
+        if selection is not None:
+            # The gateway's records replace what environments may have sent as inference_logprobs:
+            # they are the behaviour policy's, with its version. Rows without one get their own
+            # old_log_probs once computed (staleness.fill_unmatched): importance weight 1.
+            tensors["rollout_log_probs"], tensors[BEHAVIOR_MATCHED] = selection.behavior_tensors(
+                converted.group_index_B, converted.sample_index_B, converted.response_mask_BT
+            )
+            self._warn_unmatched(tensors[BEHAVIOR_MATCHED], converted.response_mask_BT)
         non_tensors = converted.non_tensors()
         # verl's dataloader batch already holds a `uid` per row; the groups' uids travel under
         # another key and replace it before advantages are computed (see the trainer).
         non_tensors[GROUP_UID] = non_tensors.pop("uid")
         output = DataProto.from_dict(tensors=tensors, non_tensors=non_tensors)
         output.meta_info["timing"] = {"atropos_batch_wait": wait_s}
-        try:
-            step = self.client.status().current_step
-        except AtroposAPIError as exc:  # staleness is a metric: the batch is already pulled, keep it
-            logger.warning("GET %s/status failed, staleness unknown this step: %s", self.client.api_url, exc)
-            step = None
-        self.last_metrics = {**trajectory_metrics(groups, current_step=step), **converted.dropped_metrics(),
+        self.last_metrics = {**trajectory_metrics(groups), **converted.dropped_metrics(),
+                             **(selection.metrics() if selection is not None else {}),
                              "atropos/trajectory/dropped/batch": float(self.dropped_batch_rows), "atropos/wait_s": wait_s}
         return output
+
+    def _warn_unmatched(self, matched_B, response_mask_BT) -> None:
+        unmatched = int((~matched_B & response_mask_BT.bool().any(dim=-1)).sum())
+        if unmatched and not self._warned_unmatched:
+            self._warned_unmatched = True
+            logger.warning(
+                "%d sample(s) of this batch hold tokens the policy gateway never generated (an environment that "
+                "re-tokenizes text, or generates elsewhere): their staleness is unknown and they train with importance "
+                "weight 1 (trainer.atropos.unmatched_samples=keep; `drop` drops their groups). Logged once; "
+                "metric atropos/behavior_matched_fraction", unmatched,
+            )
 
     @property
     def fallback(self) -> bool:
@@ -143,8 +174,12 @@ class TrajectoryRolloutManager:
         (counted), not a stop."""
         return self.atropos_config.fallback_to_grpo
 
-    def _pull_batch(self, num_rows: int) -> list[dict]:
-        """One `/batch` answer of exactly `num_rows` sequences, waiting up to `batch_timeout_s`.
+    def _pull_batch(self, num_rows: int, current_version: int = 0) -> tuple[list[dict], Selection | None]:
+        """Groups of exactly `num_rows` sequences, waiting up to `batch_timeout_s`.
+
+        Without records: one `/batch` answer. With them: groups more than max_staleness versions
+        behind `current_version` (the weights the servers hold) are dropped and more answers pulled until the groups kept make `num_rows`; the surplus waits
+        for the next step (checked again then).
 
         Every `progress_interval_s` a line says what it waits for and what the environments and
         run-api report; a group size run-api can never pack into `num_rows` stops the run at once.
@@ -152,16 +187,25 @@ class TrajectoryRolloutManager:
         counted in `dropped_batch_rows`) and the wait goes on.
         """
         self.dropped_batches = self.dropped_batch_rows = 0
+        if self.staleness is not None:
+            self.staleness.dropped.clear()  # what this step's wait drops
         start = time.monotonic()
         deadline = start + self.batch_timeout_s
         next_progress = start + self.progress_interval_s
         while True:
+            if self.staleness is not None:
+                selection = self.staleness.take(num_rows, current_version)
+                if selection is not None:
+                    return selection.groups, selection
             groups, self._pending_groups = self._pending_groups or self.client.get_batch(), None
             if groups:
                 rows = sum(_rows_of(group) for group in groups)
                 if rows == num_rows:
                     _check_normalizable(groups)
-                    return groups
+                    if self.staleness is None:
+                        return groups, None
+                    self.staleness.add(groups)
+                    continue
                 message = (
                     f"the trajectory API sent a batch of {rows} sequences in {len(groups)} groups; this step needs "
                     f"{num_rows} (data.train_batch_size x actor_rollout_ref.rollout.n, as registered)"
@@ -180,8 +224,8 @@ class TrajectoryRolloutManager:
                 if last is not None:
                     check_group_size(last[0], num_rows, env_id=last[1])
                 logger.warning(
-                    "waiting for a batch of %d sequences from %s: %.0f s of %.0f s (trainer.atropos.batch_timeout_s); "
-                    "%s\n%s", num_rows, self.client.api_url, now - start, self.batch_timeout_s,
+                    "waiting for a batch of %d sequences from %s: %.0f s of %.0f s (trainer.atropos.batch_timeout_s)%s; "
+                    "%s\n%s", num_rows, self.client.api_url, now - start, self.batch_timeout_s, self._dropped_note(),
                     diagnostics.run_api_report(self.client.api_url),
                     diagnostics.environment_report(diagnostics.launcher_run_dir(), errors=1)
                     or "  (environments not started by the launcher: their logs are not known here)",
@@ -201,13 +245,22 @@ class TrajectoryRolloutManager:
             )
         return (
             f"no batch of {num_rows} sequences from {self.client.api_url} within {waited_s:.0f} s "
-            f"(trainer.atropos.batch_timeout_s={self.batch_timeout_s:g}).\n"
+            f"(trainer.atropos.batch_timeout_s={self.batch_timeout_s:g}){self._dropped_note()}.\n"
             + wrong_size
             + f"{diagnostics.run_api_report(self.client.api_url)}\n"
             + (f"environments:\n{environments}\n" if environments else
                "The environments were not started by the launcher: look at their own logs.\n")
             + "Raise trainer.atropos.batch_timeout_s only if the environments are healthy but slow."
         )
+
+
+    def _dropped_note(self) -> str:
+        """What the staleness bound dropped while this step waited, if anything."""
+        dropped = dict(self.staleness.dropped) if self.staleness is not None else {}
+        if not dropped:
+            return ""
+        return (f"; groups dropped meanwhile: {dropped} (stale: beyond trainer.atropos.max_staleness="
+                f"{self.staleness.max_staleness}; unmatched: trainer.atropos.unmatched_samples=drop)")
 
 
 def _rows_of(group: Any) -> int:
