@@ -116,6 +116,22 @@ def test_stale_groups_are_dropped_and_the_batch_filled_from_later_ones_the_surpl
     assert staleness.dropped == {"stale": 1} and staleness.dropped_total == {"stale": 2}
 
 
+def test_a_sample_older_than_the_records_window_is_stale_not_unmatched():
+    records = BehaviorRecords(keep_versions=2)
+    old = recorded(records, 0, [5, 6])
+    for version in (1, 2, 3):
+        records.new_version(version)
+    assert records.lookup(old) is None and records.evicted_version(old) == 0
+    assert records.evicted_version([5, 7]) is None  # never generated
+    fresh = recorded(records, 3, [7])
+    sample = match_sample(records, *sequence([1], (old, True)))
+    assert sample.matched and sample.version == 0 and sample.logprobs_T is None
+    # Dropped as stale even under a bound wider than the window (and never kept as unmatched).
+    staleness = StalenessFilter(records, max_staleness=8, unmatched="keep")
+    staleness.add([group(sequence([1], (old, True)), sequence([1], (fresh, True)))])
+    assert staleness.take(2, current_version=3) is None and staleness.dropped_total == {"stale": 1}
+
+
 def test_unmatched_samples_are_kept_or_their_groups_dropped_by_the_setting():
     records = BehaviorRecords()
     matched = group(sequence([1], (recorded(records, 0, [5, 6]), True)), sequence([1], (recorded(records, 0, [7]), True)))

@@ -9,12 +9,16 @@ know how stale it is and which log-probs sampled it (verl's `rollout_log_probs`,
 
 Keys are the exact completion token ids. An environment that re-tokenizes the text it got back may
 train on different ids: such a sample is not found (the trainer counts it). Memory is bounded by
-keeping the completions of the last `keep_versions` weights versions only.
+keeping the completions of the last `keep_versions` weights versions only; of the
+`keep_evicted_versions` versions before them only a 64-bit hash per completion is kept (8 bytes),
+so that a sample older than the window is known as such (`evicted_version`), not mistaken for one
+the gateway never generated.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -39,11 +43,14 @@ class BehaviorRecords:
     """Completions of the last `keep_versions` weights versions; written on the gateway's loop, read
     from the trainer's thread (one lock; each call holds it for a dict operation)."""
 
-    def __init__(self, keep_versions: int = 16):
+    def __init__(self, keep_versions: int = 16, keep_evicted_versions: int = 64):
         if keep_versions < 1:
             raise ValueError(f"keep_versions must be >= 1, got {keep_versions}")
         self.keep_versions = keep_versions
+        self.keep_evicted_versions = keep_evicted_versions
         self._by_version: OrderedDict[int | None, dict[bytes, BehaviorRecord]] = OrderedDict()
+        # Versions evicted from the window: their completions' sorted 64-bit key hashes.
+        self._evicted_hashes: OrderedDict[int | None, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
         self.recorded = 0  # completions recorded since start
         self.evicted = 0  # records dropped with their version
@@ -73,8 +80,13 @@ class BehaviorRecords:
 
     def _evict(self) -> None:
         while len(self._by_version) > self.keep_versions:
-            _, dropped = self._by_version.popitem(last=False)
+            version, dropped = self._by_version.popitem(last=False)
             self.evicted += len(dropped)
+            if self.keep_evicted_versions > 0:
+                self._evicted_hashes[version] = np.sort(np.fromiter((_hash64(k) for k in dropped), dtype=np.uint64,
+                                                                    count=len(dropped)))
+                while len(self._evicted_hashes) > self.keep_evicted_versions:
+                    self._evicted_hashes.popitem(last=False)
 
     def lookup(self, token_ids: Sequence[int] | np.ndarray) -> BehaviorRecord | None:
         """The newest record of exactly these tokens, or None."""
@@ -86,10 +98,27 @@ class BehaviorRecords:
                     return record
         return None
 
+    def evicted_version(self, token_ids: Sequence[int] | np.ndarray) -> int | None:
+        """The version of a completion with exactly these tokens that has left the window (the
+        newest such version), or None: not generated, or evicted too long ago to say."""
+        wanted = np.uint64(_hash64(token_key(token_ids)))
+        with self._lock:
+            for version, hashes in reversed(self._evicted_hashes.items()):
+                i = int(np.searchsorted(hashes, wanted))
+                if i < len(hashes) and hashes[i] == wanted:
+                    return version
+        return None
+
     def stats(self) -> dict[str, int]:
         """Counts and the bytes the records hold (keys and log-probs), for `/health` and metrics."""
         with self._lock:
             held = sum(len(r) for r in self._by_version.values())
             nbytes = sum(len(k) + v.logprobs_T.nbytes for r in self._by_version.values() for k, v in r.items())
+            nbytes += sum(h.nbytes for h in self._evicted_hashes.values())
             return {"records": held, "versions": len(self._by_version), "bytes": nbytes, "recorded": self.recorded,
                     "evicted": self.evicted, "collisions": self.collisions}
+
+
+def _hash64(key: bytes) -> int:
+    """A 64-bit digest of a token key (collisions: ~n^2 / 2^65 for n completions, negligible)."""
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
