@@ -79,9 +79,15 @@ class EnvironmentFeedback:
         computer: AtroposGRPOComputer,
         client: Optional[AtroposEnvironmentClient] = None,
         key_hint: str = "trainer.atropos.api_key (or ATROPOS_API_KEY)",
+        name: Optional[str] = None,
     ):
         self.config = config
         self.key_hint = key_hint  # where the key is set, for a refused key's error
+        # What messages call the service: with several environments, its name too.
+        self.label = f"environment service at {config.api_url}" if name is None else (
+            f"environment service {name!r} at {config.api_url}")
+        self.service_hint = SERVICE_HINT if name is None else SERVICE_HINT.replace(
+            "trainer.atropos.api_url", f"trainer.atropos.environments.{name}.api_url")
         self.tokenizer = tokenizer
         self.computer = computer
         self.client = client or AtroposEnvironmentClient(
@@ -105,7 +111,7 @@ class EnvironmentFeedback:
     def check_health(self) -> bool:
         """Say at start what will happen: overrides from the service, GRPO until it answers, or stop."""
         healthy = self.client.health_check()
-        where = f"environment service at {self.config.api_url}"
+        where = self.label
         if healthy:
             source = "its advantages" if self.config.use_advantages else "GRPO on its scores"
             logger.warning("%s is healthy: training uses %s.", where, source)
@@ -116,7 +122,7 @@ class EnvironmentFeedback:
             )
             self._outage_steps = 1
         else:
-            raise EnvironmentServiceError(f"{where} does not answer /health. {SERVICE_HINT}")
+            raise EnvironmentServiceError(f"{where} does not answer /health. {self.service_hint}")
         return healthy
 
     def submit(self, batch: DataProto, step: int) -> None:
@@ -185,8 +191,7 @@ class EnvironmentFeedback:
     def _answered(self) -> None:
         """The service answered: end an outage, saying so once."""
         if self._outage_steps:
-            logger.warning("environment service at %s answers again after %d step(s): overrides resume.",
-                           self.config.api_url, self._outage_steps)
+            logger.warning("%s answers again after %d step(s): overrides resume.", self.label, self._outage_steps)
             self._outage_steps = 0
 
     def _check_scores(self, result: EvaluationResult) -> None:
@@ -238,17 +243,16 @@ class EnvironmentFeedback:
             # A refused key is a setting to fix, not an outage: falling back would train a whole run
             # on plain GRPO.
             raise EnvironmentServiceError(
-                f"step {step}: the environment service at {self.config.api_url} refused the API key "
+                f"step {step}: the {self.label} refused the API key "
                 f"(HTTP {exc.status}): set {self.key_hint} to the service's key"
             ) from exc
         if not self.config.fallback_to_grpo:
             raise EnvironmentServiceError(
-                f"step {step}: the environment service at {self.config.api_url} failed: {exc}. {SERVICE_HINT}"
+                f"step {step}: the {self.label} failed: {exc}. {self.service_hint}"
             ) from exc
         if self._outage_steps == 0:
             logger.warning(
-                "step %d: environment service at %s failed (%s); using standard GRPO until it answers again.",
-                step, self.config.api_url, exc,
+                "step %d: %s failed (%s); using standard GRPO until it answers again.", step, self.label, exc,
             )
         self._outage_steps += 1
         if isinstance(exc, _BatchReordered):

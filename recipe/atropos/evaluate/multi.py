@@ -104,7 +104,7 @@ class MultiEnvironmentFeedback:
         self.lanes = {
             name: EnvironmentFeedback(
                 dataclasses.replace(config, api_url=spec.api_url, api_key=spec.api_key, environments=None),
-                tokenizer, computer, key_hint=spec.key_hint,
+                tokenizer, computer, key_hint=spec.key_hint, name=name,
             )
             for name, spec in self.specs.items()
         }
