@@ -22,9 +22,9 @@ EXIT_LAUNCH_FAILED = 1
 EXIT_CONFIG = 2
 
 DESCRIPTION = """\
-Start an Atropos + verl run from one recipe config: the environment service (waits for its
-/health), optional OpenAI-compatible inference workers (waits for them, registers each with the
-service), then the trainer (python -m verl.trainer.main_ppo --config-path <dir of --config>
+Start an Atropos + verl run from one recipe config: the environment service and each of
+launcher.environment_services (waits for their /health), optional OpenAI-compatible inference
+workers (waits for them, registers each with every service), then the trainer (python -m verl.trainer.main_ppo --config-path <dir of --config>
 --config-name <stem> OVERRIDES, pointed at the service with trainer.atropos.api_url=...).
 What to start comes from the config's `launcher:` section (config/launcher_defaults.yaml);
 OVERRIDES apply to it too, e.g. launcher.environment.port=9002 launcher.inference.enabled=true.
@@ -43,7 +43,7 @@ supervision:
   error stops every process tree started (SIGTERM, launcher.shutdown_grace_s, SIGKILL).
 
 files (run folder, default outputs/launch/<timestamp>/):
-  <service>.log for environment, inference-<i>, trainer (trajectory mode: run-api, trainer,
+  <service>.log for environment, environment-<name>, inference-<i>, trainer (trajectory mode: run-api, trainer,
   env-<name>); launcher.log; services.json (pids, ports).
 
 exit codes:

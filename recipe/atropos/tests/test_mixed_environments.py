@@ -14,13 +14,12 @@ Run under the loopback-only wrapper (``../shared/bin/loopback-only``).
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
-import math
 
-import numpy as np
 import pytest
 import requests
 import torch
