@@ -25,7 +25,8 @@ DESCRIPTION = """\
 Start an Atropos + verl run from one recipe config: the environment service and each of
 launcher.environment_services (waits for their /health), optional OpenAI-compatible inference
 workers (waits for them, registers each with every service), then the trainer (python -m
-verl.trainer.main_ppo --config-path <dir of --config> --config-name <stem> OVERRIDES, pointed at the service with trainer.atropos.api_url=...).
+verl.trainer.main_ppo --config-path <dir of --config> --config-name <stem> OVERRIDES, pointed
+at the service with trainer.atropos.api_url=...).
 What to start comes from the config's `launcher:` section (config/launcher_defaults.yaml);
 OVERRIDES apply to it too, e.g. launcher.environment.port=9002 launcher.inference.enabled=true.
 
