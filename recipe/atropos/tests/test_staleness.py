@@ -317,3 +317,31 @@ def test_the_rollout_manager_drops_stale_groups_and_fills_the_step_from_run_api(
         step(rollout, 5)  # version 4: on-policy
         assert rollout.last_metrics["atropos/staleness/max"] == 0.0
         assert rollout.last_metrics["atropos/dropped_groups/stale"] == 0.0
+
+
+def test_trajectory_mode_reports_a_fallback_only_when_sent_advantages_could_not_be_used():
+    """GRPO on the environments' scores (no advantages sent) is trajectory mode's design: not a fallback."""
+    from types import SimpleNamespace
+
+    from verl import DataProto
+
+    from recipe.atropos.config import AtroposTrainerConfig
+    from recipe.atropos.grpo_computer import AtroposGRPOComputer
+    from recipe.atropos.trajectory.mode import TrajectoryMode
+
+    mode = TrajectoryMode(AtroposTrainerConfig.parse({"mode": "trajectory"}), AtroposGRPOComputer())
+
+    def batch() -> DataProto:
+        return DataProto.from_dict(
+            tensors={"token_level_rewards": torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0], [0.0, 0.0]]),
+                     "response_mask": torch.ones(4, 2, dtype=torch.long),
+                     BEHAVIOR_MATCHED: torch.ones(4, dtype=torch.bool)},
+            non_tensors={"atropos_uid": np.array(["a", "a", "b", "b"], dtype=object)},
+        )
+
+    mode.rollout = SimpleNamespace(last_metrics={"atropos/trajectory/dropped/advantages": 0.0})
+    plain = batch()
+    assert mode.before_update(plain, step=1)["atropos/fallback"] == 0.0
+    assert BEHAVIOR_MATCHED not in plain.batch.keys()  # consumed before the update; the actor never sees it
+    mode.rollout.last_metrics = {"atropos/trajectory/dropped/advantages": 1.0}  # one sequence's were unusable
+    assert mode.before_update(batch(), step=2)["atropos/fallback"] == 1.0
