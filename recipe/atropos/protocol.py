@@ -52,7 +52,8 @@ REGISTER_PATH = "/register_inference_endpoint"
 
 # Trajectory mode (atroposlib's ScoredData): a ``masks`` value of -100 marks a token not trained on
 # (the prompt, environment text); ``generation_params[POLICY_STEP_KEY]`` is the trajectory API's
-# step when the group was sampled (the trainer reports staleness from it).
+# step when the group was sampled (informational: the trainer measures staleness from the policy
+# gateway's records, trajectory/staleness.py, since run-api's step counts batches handed out).
 IGNORE_INDEX = -100
 POLICY_STEP_KEY = "policy_step"
 

@@ -30,7 +30,8 @@ Rules of the conversion (:func:`scored_groups_to_batch`; each sequence is split 
   mean and std (as Atropos' own trainers zero the advantage after normalizing).
 - **Log-probs.** ``inference_logprobs`` (response part) become ``rollout_log_probs`` [B, T], with
   0.0 wherever the mask is -100 or on padding (all outside ``response_mask``). Present only when
-  every sequence of the batch has them.
+  every sequence of the batch has them. The trainer replaces them with the policy gateway's
+  records, which carry the weights version (trajectory/staleness.py).
 - **Limits.** A prompt longer than ``max_prompt_length`` or a response longer than
   ``max_response_length`` is rejected (:class:`TrajectoryLengthError`, naming the group, sequence,
   env id and both lengths); nothing is truncated. So are malformed groups
@@ -47,11 +48,9 @@ Rules of the conversion (:func:`scored_groups_to_batch`; each sequence is split 
 - **Not converted:** ``ref_logprobs`` (verl computes its own reference), ``messages``, ``images``,
   ``distill_*``, ``group_overrides``.
 
-Staleness: atroposlib stamps nothing with the policy version it sampled from. The trajectory API
-counts trainer steps (``GET /status`` ``current_step``: batches handed out) and each environment
-mirrors it as ``BaseEnv.curr_step``. An environment can put that number in
-``generation_params["policy_step"]`` (this recipe's ``atropos_gsm8k_env.py`` does);
-:func:`~recipe.atropos.trajectory.metrics.trajectory_metrics` then reports ``current_step - policy_step``.
+Staleness: atroposlib stamps nothing with the policy version it sampled from, and the trajectory
+API's ``current_step`` counts batches handed out (several at once), not weights. The trainer matches
+each sample's tokens to the policy gateway's records instead (trajectory/staleness.py).
 """
 
 from __future__ import annotations
