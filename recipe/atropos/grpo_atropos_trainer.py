@@ -23,18 +23,26 @@ from verl import DataProto
 from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
 from recipe.atropos.config import AtroposTrainerConfig
+from recipe.atropos.evaluate.environments import parse_environment_specs
+from recipe.atropos.evaluate.mixing import weighted_train_sampler
 from recipe.atropos.evaluate.mode import EvaluateMode
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
 from recipe.atropos.trajectory.mode import TrajectoryMode
 
 
 class RayGRPOAtroposTrainer(RayPPOTrainer):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, config, **kwargs):
+        self.atropos_config = AtroposTrainerConfig.from_config(config.trainer.get("atropos"))
+        if self.atropos_config.mode == "evaluate" and kwargs.get("train_dataset") is not None:
+            # Weighted environments: rows are drawn by weight, through verl's own `train_sampler`.
+            specs = parse_environment_specs(self.atropos_config.environments)
+            sampler = weighted_train_sampler(specs, kwargs["train_dataset"], config.data.get("seed"))
+            if sampler is not None:
+                kwargs["train_sampler"] = sampler
+        super().__init__(*args, config=config, **kwargs)
         estimator = self.config.algorithm.adv_estimator
         if estimator != "grpo":
             raise ValueError(f"RayGRPOAtroposTrainer overrides GRPO advantages: set algorithm.adv_estimator=grpo (got {estimator!r})")
-        self.atropos_config = AtroposTrainerConfig.from_config(self.config.trainer.get("atropos"))
         self.grpo_computer = AtroposGRPOComputer(
             allow_fallback=self.atropos_config.fallback_to_grpo,
             norm_adv_by_std_in_grpo=self.config.algorithm.get("norm_adv_by_std_in_grpo", True),

@@ -8,9 +8,9 @@ generator seeded by `data.seed` and the epoch: a run resumed from a checkpoint d
 rows (the sampler and its iterator are torchdata Stateful, saved with verl's dataloader state).
 
 verl 0.9.1 takes no sampler class from its config (`create_rl_sampler` builds a random or
-sequential sampler); the dataloader's batch sampler does take any index source, so
-:func:`install_weighted_sampler` puts this one there before the workers start and before verl
-loads a checkpoint.
+sequential sampler), but `RayPPOTrainer` takes its sampler as an argument (`train_sampler`):
+the recipe's trainer passes :func:`weighted_train_sampler`'s there when every environment sets a
+weight, so verl's own dataloader, checkpointing and resume use it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from torch.utils.data import Sampler
 
 from recipe.atropos.evaluate.environments import EnvironmentSpec, route_data_sources
 
-__all__ = ["WeightedDataSourceSampler", "dataset_data_sources", "install_weighted_sampler", "row_weights"]
+__all__ = ["WeightedDataSourceSampler", "dataset_data_sources", "row_weights", "weighted_train_sampler"]
 
 logger = logging.getLogger("verl.recipe.atropos")
 
@@ -110,19 +110,20 @@ def dataset_data_sources(dataset: Any) -> list[Any] | None:
         return None
 
 
-def install_weighted_sampler(trainer: Any, specs: Mapping[str, EnvironmentSpec]) -> WeightedDataSourceSampler:
-    """Draw the trainer's training rows with the environments' weights (see the module docstring)."""
-    sources = dataset_data_sources(trainer.train_dataset)
+def weighted_train_sampler(
+    specs: Mapping[str, EnvironmentSpec] | None, dataset: Any, seed: int | None
+) -> WeightedDataSourceSampler | None:
+    """The sampler verl's trainer should draw training rows with (its `train_sampler` argument), or
+    None when the environments set no weights (verl's own sampler then)."""
+    if not specs or any(spec.weight is None for spec in specs.values()):
+        return None
+    sources = dataset_data_sources(dataset)
     if sources is None:
         raise ValueError(
             "trainer.atropos.environments sets weights, but the training dataset has no data_source column to mix "
-            f"by ({type(trainer.train_dataset).__name__} has no `dataframe`): use verl's RLHFDataset or remove the weights"
+            f"by ({type(dataset).__name__} has no `dataframe`): use verl's RLHFDataset or remove the weights"
         )
-    batch_sampler = trainer.train_dataloader.batch_sampler
-    sampler = WeightedDataSourceSampler(
-        sources, specs, seed=trainer.config.data.get("seed") or 0, num_samples=len(batch_sampler.sampler)
-    )
-    batch_sampler.sampler = sampler
+    sampler = WeightedDataSourceSampler(sources, specs, seed=seed or 0, num_samples=len(sources))
     shares = {name: round(float(spec.weight), 4) for name, spec in specs.items()}
     logger.warning("training rows are drawn by environment weight %s (with replacement, %d per epoch)", shares, len(sampler))
     return sampler

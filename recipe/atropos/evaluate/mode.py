@@ -19,7 +19,7 @@ from verl import DataProto
 
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.evaluate.feedback import EnvironmentFeedback
-from recipe.atropos.evaluate.mixing import dataset_data_sources, install_weighted_sampler
+from recipe.atropos.evaluate.mixing import dataset_data_sources
 from recipe.atropos.evaluate.multi import MultiEnvironmentFeedback
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
 
@@ -37,8 +37,6 @@ class EvaluateMode:
             sources = dataset_data_sources(getattr(trainer, "train_dataset", None))
             if sources is not None:  # else the first batch is checked (submit)
                 self.feedback.check_data_sources(sources)
-            if all(spec.weight is not None for spec in self.feedback.specs.values()):
-                install_weighted_sampler(trainer, self.feedback.specs)
         self.feedback.check_health()
 
     def after_workers(self, trainer: Any) -> None:

@@ -28,7 +28,7 @@ from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.environments.reasoning_gym_env import rl_rows
 from recipe.atropos.evaluate.environments import UnknownDataSourceError, parse_environment_specs
 from recipe.atropos.evaluate.feedback import EnvironmentServiceError
-from recipe.atropos.evaluate.mixing import WeightedDataSourceSampler, install_weighted_sampler
+from recipe.atropos.evaluate.mixing import WeightedDataSourceSampler, weighted_train_sampler
 from recipe.atropos.evaluate.mode import EvaluateMode
 from recipe.atropos.evaluate.multi import ENV_METRICS, MultiEnvironmentFeedback, split_by_environment
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
@@ -290,10 +290,10 @@ def test_the_sampler_goes_into_verls_dataloader_and_resumes_where_it_stopped():
     specs = parse_environment_specs({"a": {"api_url": "http://a", "data_sources": ["sa"], "weight": 3},
                                      "b": {"api_url": "http://b", "data_sources": ["sb"], "weight": 1}})
     frame = datasets.Dataset.from_dict({"data_source": ["sa"] * 4 + ["sb"] * 396, "i": list(range(400))})
-    loader = StatefulDataLoader(list(range(400)), batch_size=20, drop_last=True, sampler=torch.utils.data.RandomSampler(range(400)))
-    trainer = SimpleNamespace(train_dataset=SimpleNamespace(dataframe=frame), train_dataloader=loader,
-                              config=SimpleNamespace(data={"seed": 7}))
-    install_weighted_sampler(trainer, specs)
+    dataset = SimpleNamespace(dataframe=frame)
+    # As verl's RayPPOTrainer._create_dataloader builds it from its `train_sampler` argument.
+    loader = StatefulDataLoader(list(range(400)), batch_size=20, drop_last=True,
+                                sampler=weighted_train_sampler(specs, dataset, seed=7))
     assert len(loader) == 20  # verl's step count is unchanged
     batches = []
     for epoch in range(5):
@@ -305,7 +305,7 @@ def test_the_sampler_goes_into_verls_dataloader_and_resumes_where_it_stopped():
     seen = [next(iterator).tolist() for _ in range(3)]
     state = loader.state_dict()
     rest = [b.tolist() for b in iterator]
-    resumed = StatefulDataLoader(list(range(400)), batch_size=20, drop_last=True, sampler=torch.utils.data.RandomSampler(range(400)))
-    install_weighted_sampler(SimpleNamespace(train_dataset=trainer.train_dataset, train_dataloader=resumed, config=trainer.config), specs)
+    resumed = StatefulDataLoader(list(range(400)), batch_size=20, drop_last=True,
+                                 sampler=weighted_train_sampler(specs, dataset, seed=7))
     resumed.load_state_dict(state)
     assert [b.tolist() for b in resumed] == rest and len(seen) + len(rest) == 20
