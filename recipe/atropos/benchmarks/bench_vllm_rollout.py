@@ -8,7 +8,8 @@
    (Hugging Face `generate()`, the CPU policy server), on the same batch (the same prompts, n,
    max_tokens, temperature), each behind its own OpenAI server; the ratio vLLM / hf.
 2. The policy gateway's overhead: the wall time of 64 concurrent completions through the gateway
-   against the same 64 sent to vLLM directly (target: at most 1.05x), in interleaved pairs (both see
+   against the same 64 sent to vLLM directly (target: at most 1.05x), for two completion lengths
+   (the gateway costs per request, vLLM per token), in interleaved pairs (both see
    the same machine load); the median of the pairs' ratios, and the CPU the gateway spends per
    request set against what vLLM's processes spend per batch (the gateway shares their cores).
 3. Weight sync into vLLM: verl's own path (`BucketedWeightSender` over shared memory, as the CPU

@@ -519,3 +519,51 @@ def test_a_gateway_beyond_loopback_needs_a_key(host, monkeypatch):
         assert requests.get(f"{local}/v1/models", timeout=10).status_code == 401
     finally:
         gateway.stop()
+
+
+class ClosingBackend:
+    """A raw HTTP server on its own thread: it closes the first `closes` connections a completion
+    request arrives on without answering (as a server closing a kept-alive connection under a
+    request just sent), then answers 200; `/v1/models` is always answered."""
+
+    def __init__(self, closes: int):
+        self.closes = closes
+        self.completion_connections = 0
+        self.sock = socket.create_server((LOOPBACK_HOST, 0))
+        self.url = f"http://{LOOPBACK_HOST}:{self.sock.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                request = conn.recv(65536)
+                if b"/v1/models" in request.split(b"\r\n", 1)[0]:
+                    body = b'{"data": [{"id": "served"}]}'
+                else:
+                    self.completion_connections += 1
+                    if self.completion_connections <= self.closes:
+                        continue  # closed without an answer
+                    body = b'{"choices": [{"index": 0, "text": " ok", "finish_reason": "length"}]}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    def __enter__(self) -> ClosingBackend:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize(("closes", "status"), [(1, 200), (2, 502)])
+def test_a_request_whose_connection_the_server_closed_goes_once_more(closes, status):
+    with ClosingBackend(closes) as backend, running_gateway([backend.url], opened_at=0) as gateway:
+        answer = requests.post(f"{root_url(gateway)}/v1/completions", json={"prompt": "x", "max_tokens": 1}, timeout=30)
+        assert answer.status_code == status, answer.text
+        assert health(gateway)["requests_resent"] == 1 and backend.completion_connections == 2
+        if status == 502:
+            assert "ServerDisconnectedError" in answer.json()["detail"]

@@ -133,6 +133,7 @@ class GatewayRoutes:
         self.client: aiohttp.ClientSession | None = None  # opened by the app's lifespan
         self.served_names: dict[str, str | None] = {}
         self.unrecorded = 0  # completions answered without tokens or log-probs to record (streams included)
+        self.resent = 0  # requests sent again after the server closed their kept-alive connection
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -160,10 +161,21 @@ class GatewayRoutes:
         return self.served_names[url]
 
     async def forward(self, method: str, url: str, body: bytes, headers: dict[str, str]) -> Response:
-        """The server's answer to the request, read whole, as the gateway's answer."""
-        async with self.client.request(method, url, data=body, headers=headers) as answer:
-            return Response(content=await answer.read(), status_code=answer.status,
-                            media_type=answer.headers.get("content-type"))
+        """The server's answer to the request, read whole, as the gateway's answer.
+
+        A kept-alive connection the server closes just as a request goes out on it (uvicorn, vLLM's
+        server, closes idle ones after 5 s) fails with ServerDisconnectedError before any answer:
+        the request goes once more, on a new connection, as proxies do."""
+        for attempt in (1, 2):
+            try:
+                async with self.client.request(method, url, data=body, headers=headers) as answer:
+                    return Response(content=await answer.read(), status_code=answer.status,
+                                    media_type=answer.headers.get("content-type"))
+            except aiohttp.ServerDisconnectedError:
+                if attempt == 2:
+                    raise
+                self.resent += 1
+        raise AssertionError("unreachable")
 
     async def relay(self, request: Request, path: str, *, names_model: bool = False, body: bytes | None = None) -> Response:
         """Pass the request through to one server; with `names_model`, a JSON body's `model` becomes
@@ -217,6 +229,7 @@ class GatewayRoutes:
             "requests_held_too_long": gate.requests_held_too_long,
             "requests_unauthorized": gate.requests_unauthorized,
             "servers": gate.backends.urls,
+            "requests_resent": self.resent,
             "behavior_records": {**self.records.stats(), "unrecorded": self.unrecorded},
         }
 
