@@ -149,10 +149,31 @@ class MultiEnvironmentFeedback:
             self.submit(batch, step)
         pending, self._pending = self._pending, None
         wait_start = time.perf_counter()
-        batch_size = len(pending.uids_B)
         uids_B = batch.non_tensor_batch["uid"]
+        advantages, results, reasons = self._collect(pending, uids_B, step)
+        metrics: dict[str, float] = {"atropos/wait_s": time.perf_counter() - wait_start}
+        take_B = torch.zeros(len(pending.uids_B), dtype=torch.bool)
+        if results:
+            try:
+                take_B, override_metrics = self._override(batch, pending, advantages, uids_B)
+                metrics.update(override_metrics)
+            except (AtroposAPIError, ValueError) as exc:
+                if not self.config.fallback_to_grpo:
+                    raise
+                logger.warning("step %d: the answers could not be used (%s); standard GRPO this step.", step, exc)
+                reasons.update({name: "invalid_answer" for name in results})
+                results = {}
+        if not results:  # nothing usable: verl's own GRPO stays, as with one service
+            metrics.update(advantage_metrics(batch.batch["advantages"], batch.batch["response_mask"], None))
+        metrics.update(self._env_metrics(batch, pending, results, take_B))
+        metrics.update(self._step_metrics(metrics["atropos/fallback"], pending, results, reasons))
+        return metrics
+
+    def _collect(self, pending: _PendingStep, uids_B: np.ndarray, step: int):
+        """Each environment's answer: (advantages per row, None where none), the usable results by
+        environment with their latency, and why each other environment's samples fell back."""
         reordered = not np.array_equal(pending.uids_B, uids_B)
-        advantages: list = [None] * batch_size
+        advantages: list = [None] * len(pending.uids_B)
         results: dict[str, tuple[EvaluationResult, float]] = {}
         reasons: dict[str, str] = {}  # environment -> why all its samples fell back
         for name, future in pending.futures.items():
@@ -170,49 +191,36 @@ class MultiEnvironmentFeedback:
             for row, value in zip(rows_N.tolist(), lane._env_advantages(result, uids_B[rows_N])):
                 advantages[row] = value
             results[name] = (result, latency_s)
+        return advantages, results, reasons
 
-        metrics: dict[str, float] = {"atropos/wait_s": time.perf_counter() - wait_start}
-        take_B = torch.zeros(batch_size, dtype=torch.bool)
-        if results:
-            try:
-                overrides = self.computer.build_overrides(advantages, pending.response_mask_BT)
-                overrides = self.computer.within_dtype(
-                    overrides, batch.batch["response_mask"], batch.batch["token_level_rewards"].dtype
-                )
-                output = self.computer.compute_from_overrides(
-                    batch.batch["token_level_rewards"], batch.batch["response_mask"], uids_B, overrides
-                )
-            except (AtroposAPIError, ValueError) as exc:
-                if not self.config.fallback_to_grpo:
-                    raise
-                logger.warning("step %d: the answers could not be used (%s); standard GRPO this step.", step, exc)
-                reasons.update({name: "invalid_answer" for name in results})
-                results = {}
-            else:
-                batch.batch["advantages"] = output.advantages_BT
-                batch.batch["returns"] = output.returns_BT
-                metrics.update(output.metrics)
-                take_B = overrides.override_mask_B.cpu()
-        if not results:  # nothing usable: verl's own GRPO stays, as with one service
-            metrics.update(advantage_metrics(batch.batch["advantages"], batch.batch["response_mask"], None))
+    def _override(self, batch: DataProto, pending: _PendingStep, advantages: list, uids_B: np.ndarray):
+        """The environments' advantages over GRPO's, written into `batch`; (rows overridden, metrics)."""
+        overrides = self.computer.build_overrides(advantages, pending.response_mask_BT)
+        overrides = self.computer.within_dtype(overrides, batch.batch["response_mask"], batch.batch["token_level_rewards"].dtype)
+        output = self.computer.compute_from_overrides(
+            batch.batch["token_level_rewards"], batch.batch["response_mask"], uids_B, overrides
+        )
+        batch.batch["advantages"] = output.advantages_BT
+        batch.batch["returns"] = output.returns_BT
+        return overrides.override_mask_B.cpu(), output.metrics
 
+    def _step_metrics(self, fallback: float, pending: _PendingStep, results: Mapping, reasons: Mapping) -> dict[str, float]:
+        """The step's fallback, latency and retry metrics over all environments."""
         scores = [r.scores[np.isfinite(r.scores)] for r, _ in results.values()]
         scores = np.concatenate(scores) if scores else np.zeros(0)
-        metrics["atropos/env/mean_score"] = float(scores.mean()) if len(scores) else 0.0
-        metrics.update(self._env_metrics(batch, pending, results, take_B))
-        step_reason = None
-        if metrics["atropos/fallback"]:
-            step_reason = next(iter(reasons.values()), "no_overrides")
-        metrics.update({f"atropos/fallback/{r}": float(r == step_reason) for r in STEP_FALLBACK_REASONS})
-        self.fallback_steps_total += int(metrics["atropos/fallback"])
-        metrics["atropos/fallback_steps_total"] = float(self.fallback_steps_total)
-        metrics["atropos/fallback_environments"] = float(len(reasons))
+        step_reason = next(iter(reasons.values()), "no_overrides") if fallback else None
+        self.fallback_steps_total += int(fallback)
         latencies = [latency for _, latency in results.values()]
-        metrics["atropos/api_latency_s"] = max(latencies) if latencies else float("nan")
-        metrics["atropos/retries"] = float(
-            sum(lane.client.stats.retries - pending.retries_before[name] for name, lane in self.lanes.items())
-        )
-        return metrics
+        return {
+            "atropos/env/mean_score": float(scores.mean()) if len(scores) else 0.0,
+            **{f"atropos/fallback/{r}": float(r == step_reason) for r in STEP_FALLBACK_REASONS},
+            "atropos/fallback_steps_total": float(self.fallback_steps_total),
+            "atropos/fallback_environments": float(len(reasons)),
+            "atropos/api_latency_s": max(latencies) if latencies else float("nan"),
+            "atropos/retries": float(
+                sum(lane.client.stats.retries - pending.retries_before[name] for name, lane in self.lanes.items())
+            ),
+        }
 
     def _env_metrics(
         self, batch: DataProto, pending: _PendingStep, results: Mapping[str, tuple[EvaluationResult, float]],
