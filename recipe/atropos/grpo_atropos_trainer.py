@@ -11,7 +11,7 @@ once by `trainer.atropos.mode`, with the same methods in either mode:
   from which verl's rollout manager's replacement pulls each step's batch.
 
 Hooks: `init_workers` (`before_workers`, `after_workers`), `_compute_old_log_prob`
-(`before_old_log_prob`; trajectory mode's `after_old_log_prob`), `_update_actor` (`before_update`, whose `atropos/...` metrics join the
+(`before_old_log_prob`, `after_old_log_prob`), `_update_actor` (`before_update`, whose `atropos/...` metrics join the
 actor's, which verl logs through its Tracking), `_log_rollout_data` (`rollout_dump`), and the end
 of `fit()` (`close`). Run it with `trainer_cls=recipe.atropos.grpo_atropos_trainer.RayGRPOAtroposTrainer`
 (set by the recipe's configs).
@@ -66,9 +66,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
     def _compute_old_log_prob(self, batch: DataProto):
         self.atropos_mode.before_old_log_prob(batch, step=self.global_steps)
         old_log_prob, mfu = super()._compute_old_log_prob(batch)
-        after = getattr(self.atropos_mode, "after_old_log_prob", None)  # trajectory mode only
-        if after is not None:
-            after(batch, old_log_prob)
+        self.atropos_mode.after_old_log_prob(batch, old_log_prob)
         return old_log_prob, mfu
 
     def _update_actor(self, batch: DataProto) -> DataProto:

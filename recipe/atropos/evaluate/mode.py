@@ -45,6 +45,9 @@ class EvaluateMode:
     def before_old_log_prob(self, batch: DataProto, step: int) -> None:
         self.feedback.submit(batch, step=step)
 
+    def after_old_log_prob(self, batch: DataProto, old_log_prob: DataProto) -> None:
+        pass
+
     def before_update(self, batch: DataProto, step: int) -> dict[str, float]:
         """Advantages into `batch`; returns the step's ``atropos/...`` metrics."""
         return self.feedback.apply(batch, step=step)
