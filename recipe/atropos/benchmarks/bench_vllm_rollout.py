@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                              "is per request, vLLM's grows with the tokens")
     args = parser.parse_args(argv)
 
-    from recipe.atropos.tiny_assets import build_assets
+    from recipe.atropos.demo.tiny_assets import build_assets
 
     assets = build_assets(Path(tempfile.mkdtemp(prefix="bench_vllm_")), num_train=64, num_test=16)
     prompts = [f"Question: what is {a} + {b}?\nAnswer:" for a, b in zip(range(args.batch), range(3, 3 + args.batch))]

@@ -35,7 +35,7 @@ from pydantic import Field
 from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np
 from recipe.atropos.protocol import IGNORE_INDEX, POLICY_STEP_KEY
 
-DEFAULT_ASSETS = "outputs/assets"  # what `python -m recipe.atropos.tiny_assets --out outputs/assets` writes
+DEFAULT_ASSETS = "outputs/assets"  # what `python -m recipe.atropos.demo.tiny_assets --out outputs/assets` writes
 Item = tuple[list[dict[str, str]], str]  # (chat messages, ground truth)
 
 

@@ -8,7 +8,7 @@ them (``recipe/atropos/trajectory/scored_data.py`` converts them into a verl bat
 
 - **Data:** a local parquet in verl's RL format (``prompt`` = chat messages,
   ``reward_model.ground_truth``), as ``recipe/atropos/prepare_gsm8k.py`` and
-  ``recipe/atropos/tiny_assets.py`` write it: no hub access.
+  ``recipe/atropos/demo/tiny_assets.py`` write it: no hub access.
 - **Inference, advantages, evaluation:** as every ``ScoredChatEnv`` (``atropos_chat_env.py``):
   ``server_type: vllm`` through atroposlib's ``ManagedServer``, so ``tokens``, ``masks`` and
   ``inference_logprobs`` come from the sampler; ``--env.emit_advantages true`` adds token-level

@@ -26,6 +26,6 @@ PYTHON = sys.executable
 
 @pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
-    from recipe.atropos.tiny_assets import build_assets
+    from recipe.atropos.demo.tiny_assets import build_assets
 
     return build_assets(tmp_path_factory.mktemp("tiny_assets"), num_train=64, num_test=16)

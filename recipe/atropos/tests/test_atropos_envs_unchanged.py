@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from recipe.atropos.run_report import read_steps
+from recipe.atropos.demo.run_report import read_steps
 from recipe.atropos.tests.chat_env_tokenize import ramp
 from recipe.atropos.tests.conftest import PYTHON, REPO_ROOT, repo_env
 from recipe.atropos.tests.servers import find_free_loopback_port, start_cpu_policy_server

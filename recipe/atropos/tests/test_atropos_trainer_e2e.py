@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from recipe.atropos.run_report import StepFollower, read_steps
+from recipe.atropos.demo.run_report import StepFollower, read_steps
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
 from .fault_server import Fault, FaultInjectingServer

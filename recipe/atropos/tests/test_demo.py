@@ -8,7 +8,7 @@ import subprocess
 import psutil
 import pytest
 
-from recipe.atropos.run_report import read_steps, summarize
+from recipe.atropos.demo.run_report import read_steps, summarize
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
 

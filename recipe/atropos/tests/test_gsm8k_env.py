@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(60)
 
 def save_tiny_tokenizer(directory):
     """A byte-level BPE trained offline on GSM8K-style text, saved as a tokenizer folder."""
-    from recipe.atropos.tiny_assets import build_tokenizer, make_problems
+    from recipe.atropos.demo.tiny_assets import build_tokenizer, make_problems
 
     tokenizer = build_tokenizer(make_problems(64, seed=0))
     tokenizer.save_pretrained(directory)

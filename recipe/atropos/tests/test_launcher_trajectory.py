@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from recipe.atropos.run_report import read_steps
+from recipe.atropos.demo.run_report import read_steps
 from recipe.atropos.tests.conftest import REPO_ROOT, repo_env
 from recipe.atropos.tests.servers import find_free_loopback_port
 from recipe.atropos.tests.test_launcher import LAUNCHER, Launch, is_gone, port_is_free

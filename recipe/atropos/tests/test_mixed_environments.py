@@ -31,7 +31,7 @@ from verl import DataProto
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.launcher.config import load_launcher_config
 from recipe.atropos.launcher.plan import build_plan
-from recipe.atropos.run_report import environment_rewards, read_steps, reward_curves
+from recipe.atropos.demo.run_report import environment_rewards, read_steps, reward_curves
 from recipe.atropos.tests.conftest import PYTHON, REPO_ROOT, repo_env
 from recipe.atropos.tests.servers import LOOPBACK_HOST, find_free_loopback_port, start_server_process
 from recipe.atropos.tests.test_launcher import (

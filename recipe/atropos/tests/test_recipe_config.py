@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.prepare_gsm8k import extract_final_answer
-from recipe.atropos.tiny_assets import make_problems
+from recipe.atropos.demo.tiny_assets import make_problems
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from recipe.atropos.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
+from recipe.atropos.demo.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
 
 
 def _write(path, records):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from recipe.atropos.run_report import read_steps
+from recipe.atropos.demo.run_report import read_steps
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 
 from .conftest import PYTHON, REPO_ROOT, repo_env

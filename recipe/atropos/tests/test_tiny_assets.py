@@ -7,7 +7,7 @@ import hashlib
 import pandas as pd
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from recipe.atropos.tiny_assets import build_assets
+from recipe.atropos.demo.tiny_assets import build_assets
 
 
 def _digest(path) -> str:

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
-from recipe.atropos.run_report import read_steps
+from recipe.atropos.demo.run_report import read_steps
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
 from .ramp_advantage_env import ramp

@@ -34,7 +34,7 @@ import requests
 
 pytest.importorskip("vllm", reason="needs vLLM's CPU build: `make install-vllm`, then `make test-vllm`")
 
-from recipe.atropos.run_report import read_steps  # noqa: E402
+from recipe.atropos.demo.run_report import read_steps  # noqa: E402
 
 from .conftest import REPO_ROOT, repo_env  # noqa: E402
 from .ramp_advantage_env import ramp  # noqa: E402

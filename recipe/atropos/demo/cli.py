@@ -25,7 +25,6 @@ Every process it starts is stopped at the end, on Ctrl-C too (the launcher's sup
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import signal
 import subprocess
@@ -34,9 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipe.atropos.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
+from recipe.atropos.demo.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO_ROOT / "recipe/atropos/config"
 DEFAULT_CONFIG = "gsm8k_grpo_cpu"
 CONFIG = CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
@@ -48,7 +47,7 @@ ASSET_SETTINGS = {"num_train": 512, "num_test": 64, "seed": 0, "pretrain_steps":
 
 def ensure_assets(out: Path) -> Path:
     """Build the assets once; a stamp records the settings they were built with."""
-    from recipe.atropos.tiny_assets import build_assets
+    from recipe.atropos.demo.tiny_assets import build_assets
 
     assets_dir = out / "assets"
     stamp = assets_dir / "BUILT_WITH"
@@ -64,7 +63,7 @@ def ensure_assets(out: Path) -> Path:
 def ensure_reasoning_gym_data(assets_dir: Path) -> None:
     """reasoning-gym's basic_arithmetic rows for the mixed demo (a few seconds; stamped on their own,
     so the model is not rebuilt)."""
-    from recipe.atropos.tiny_assets import build_reasoning_gym_data
+    from recipe.atropos.demo.tiny_assets import build_reasoning_gym_data
 
     settings = {"task": "basic_arithmetic", "num_train": ASSET_SETTINGS["num_train"],
                 "num_test": ASSET_SETTINGS["num_test"], "seed": ASSET_SETTINGS["seed"]}
@@ -82,25 +81,6 @@ def config_file(name: str) -> Path:
         known = sorted(p.stem for p in CONFIG_DIR.glob("*_cpu.yaml"))
         raise SystemExit(f"demo: --config {name!r}: no such config ({path}); CPU configs here: {known}")
     return path
-
-
-def compute_score(data_source: str, solution_str: str, ground_truth: Any, extra_info: Any = None, **kwargs: Any) -> float:
-    """verl's own reward in the mixed demo (``reward.custom_reward_function`` of mixed_grpo_cpu.yaml):
-    reasoning-gym rows by the task's own verifier, as the reasoning-gym service judges them; every
-    other row by verl's default scorer. verl scores every sample itself (the run's reward, and the
-    fallback when an environment is down), and its default scorer knows no reasoning_gym/<task>."""
-    if str(data_source).startswith("reasoning_gym/"):
-        return _reasoning_gym_judge().score(solution_str, str(ground_truth))
-    from verl.utils.reward_score import default_compute_score
-
-    return default_compute_score(data_source, solution_str, ground_truth, extra_info, **kwargs)
-
-
-@functools.cache
-def _reasoning_gym_judge() -> Any:
-    from recipe.atropos.environments.reasoning_gym_env import ReasoningGymJudge
-
-    return ReasoningGymJudge()
 
 
 def _total_steps(overrides: list[str]) -> int:
@@ -161,7 +141,7 @@ def run(out: Path, overrides: list[str], rollout: str = "hf", config: Path = CON
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m recipe.atropos.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=DEFAULT_CONFIG,
                         help="recipe config: a name in recipe/atropos/config (mixed_grpo_cpu: two environments) or a "
                              ".yaml path (default: %(default)s)")

@@ -3,7 +3,7 @@
 Nothing is downloaded. Everything is deterministic for a given seed, so two builds give the same
 files (tests rely on that to cache them).
 
-    python -m recipe.atropos.tiny_assets --out outputs/assets
+    python -m recipe.atropos.demo.tiny_assets --out outputs/assets
 
 writes `model/` (tokenizer + Qwen2ForCausalLM, `save_pretrained` format) and `data/{train,test}.parquet`
 in verl's RL dataset format (the columns verl's `examples/data_preprocess/gsm8k.py` writes).
@@ -265,7 +265,7 @@ def build_reasoning_gym_data(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m recipe.atropos.demo.tiny_assets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/assets", help="output folder (default: %(default)s)")
     parser.add_argument("--num-train", type=int, default=512, help="training problems (default: %(default)s)")
     parser.add_argument("--num-test", type=int, default=64, help="test problems (default: %(default)s)")
