@@ -28,13 +28,17 @@ TIMING_KEYS = {
 }
 
 
+def read_jsonl(path: str | Path) -> list[dict]:
+    """The records of a JSON Lines file. Lines end at "\n" only: str.splitlines() would also split
+    inside a string holding U+2028, U+0085 or another break that a model's text can contain and
+    json.dumps(ensure_ascii=False) writes as it is."""
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def read_steps(path: str | Path) -> list[dict]:
     """Training steps of a verl file-logger JSONL, in order (validation-only lines are skipped)."""
     steps = {}
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_jsonl(path):
         data = record["data"]
         if REWARD in data or "timing_s/step" in data:
             steps[record["step"]] = {"step": record["step"], **data}

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from recipe.atropos.demo.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
+from recipe.atropos.demo.run_report import StepFollower, format_step, plot_reward, read_jsonl, read_steps, summarize
 
 
 def _write(path, records):
@@ -52,3 +52,12 @@ def test_follower_yields_only_complete_new_lines(tmp_path):
 def test_summary_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="no training step"):
         summarize([])
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path):
+    """A rollout dump holds the policy's text as written by json.dumps(ensure_ascii=False): a U+2028
+    or U+0085 inside it is no line end (CI once failed on one from the tiny model)."""
+    text = "a\u2028b\x85c\u2029d"
+    path = tmp_path / "1.jsonl"
+    path.write_text(json.dumps({"output": text}, ensure_ascii=False) + "\n\n" + json.dumps({"n": 2}) + "\n", encoding="utf-8")
+    assert read_jsonl(path) == [{"output": text}, {"n": 2}]

@@ -4,7 +4,6 @@ real trainer pulling and training."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ import pytest
 import requests
 
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
-from recipe.atropos.demo.run_report import read_steps
+from recipe.atropos.demo.run_report import read_jsonl, read_steps
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
 from .ramp_advantage_env import ramp
@@ -107,7 +106,7 @@ def test_trainer_pulls_environment_groups_and_trains_on_their_advantages(tiny_as
     # Token by token, the advantages trained on are the environment's ramp (GRPO would give one
     # value per answer), for every sample of every step (verl's rollout dump, with our fields).
     for step in (1, 2, 3):
-        samples = [json.loads(line) for line in (dump_dir / f"{step}.jsonl").read_text().splitlines()]
+        samples = read_jsonl(dump_dir / f"{step}.jsonl")  # the policy's text may hold U+2028
         assert len(samples) == 8
         for sample in samples:
             assert len(sample["advantages"]) == len(sample["trained_token_ids"]) > 0

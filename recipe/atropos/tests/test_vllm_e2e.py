@@ -22,7 +22,6 @@ greedy answer). Run with `make test-vllm` (in the loopback-only namespace).
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import requests
 
 pytest.importorskip("vllm", reason="needs vLLM's CPU build: `make install-vllm`, then `make test-vllm`")
 
-from recipe.atropos.demo.run_report import read_steps  # noqa: E402
+from recipe.atropos.demo.run_report import read_jsonl, read_steps  # noqa: E402
 
 from .conftest import REPO_ROOT, repo_env  # noqa: E402
 from .ramp_advantage_env import ramp  # noqa: E402
@@ -207,7 +206,7 @@ def test_trajectory_mode_gpu_example_through_the_gateway_in_front_of_vllm(tiny_a
         assert step["atropos/batch_groups"] == 2 and step["atropos/override_fraction"] == 1.0
     # Token by token, what was trained on is the environment's ramp, for every sample of every step.
     for step in range(1, STEPS + 1):
-        samples = [json.loads(line) for line in (dump_dir / f"{step}.jsonl").read_text().splitlines()]
+        samples = read_jsonl(dump_dir / f"{step}.jsonl")  # the policy's text may hold U+2028
         assert len(samples) == 10  # 2 groups of rollout.n = 5
         for sample in samples:
             assert len(sample["advantages"]) == len(sample["trained_token_ids"]) > 0
