@@ -10,6 +10,8 @@ PIP := $(PY) -m pip
 CONSTRAINTS := $(VENV)/torch-constraint.txt
 STAMP := $(VENV)/.installed
 EXTRAS ?= test,atropos
+# The main venv also gets verifiers (recipe/atropos/verifiers/); the vLLM tier does not need it.
+MAIN_EXTRAS ?= $(EXTRAS),verifiers
 ARGS ?=
 PYTEST_ARGS ?=
 
@@ -57,7 +59,7 @@ $(PY):
 $(STAMP): pyproject.toml | $(PY)
 	$(PIP) install "torch==$(TORCH_VERSION)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(CONSTRAINTS)
-	$(PIP) install -c $(CONSTRAINTS) ".[$(EXTRAS)]"
+	$(PIP) install -c $(CONSTRAINTS) ".[$(MAIN_EXTRAS)]"
 	$(PY) -c "import verl, os; assert 'site-packages' in verl.__path__[-1], verl.__path__"
 	touch $(STAMP)
 
