@@ -102,8 +102,12 @@ class AtroposTrainerConfig:
         variable holding its key; else `api_key`, else the shared key)}`. Each sample goes to the
         environment owning its `data_source`, all of them at once; one that is down costs its own
         samples only (GRPO). Weights, when set on every environment, mix the training data by them.
-        `null`: the single service at `api_url` (docs/many_environments.md).""",
-        ("a map name -> {api_url, data_sources, weight, api_key_env, api_key}", lambda v: _environments_ok(v)))
+        `null`: the single service at `api_url` (docs/many_environments.md). Trajectory mode: entries
+        `type: verifiers` (docs/verifiers.md) or `type: openenv` (docs/openenv.md), each played by a
+        runner process the launcher starts, pushing scored groups to run-api beside the
+        environments of `launcher.environments`.""",
+        ("a map name -> {api_url, data_sources, weight, api_key_env, api_key} or {type: verifiers|openenv, ...}",
+         lambda v: _environments_ok(v)))
 
     # ---- Trajectory mode: run-api and the policy gateway --------------------------------------
     trajectory_api_url: str = _key("http://localhost:8000", "trajectory", """
@@ -182,6 +186,7 @@ class AtroposTrainerConfig:
             value = getattr(config, spec.name)
             if check is not None and not check[1](value):
                 raise ValueError(f"{SECTION}.{spec.name} must be {check[0]}, got {value!r}")
+        _check_environment_kinds(config.mode, config.environments)
         return config
 
     @classmethod
@@ -209,6 +214,25 @@ def _environments_ok(value: Any) -> bool:
 
     parse_environment_specs(value)
     return True
+
+
+def _check_environment_kinds(mode: str, environments: Any) -> None:
+    """Episode entries (type verifiers/openenv) play episodes: trajectory mode only; services judge
+    verl's samples: evaluate mode only."""
+    from recipe.atropos.episodes.spec import is_episode_entry
+
+    for name, entry in (environments or {}).items():
+        episode = is_episode_entry(entry)
+        if mode == "evaluate" and episode:
+            raise ValueError(
+                f"{SECTION}.environments.{name}: type {entry['type']} plays episodes, which needs "
+                f"{SECTION}.mode=trajectory; in evaluate mode serve the environment as a service "
+                f"(docs/{entry['type']}.md, 'Evaluate mode') and give its api_url and data_sources")
+        if mode == "trajectory" and not episode:
+            raise ValueError(
+                f"{SECTION}.environments.{name}: an environment service (api_url) judges verl's own samples, "
+                f"which needs {SECTION}.mode=evaluate; in trajectory mode give it `type: verifiers` or "
+                "`type: openenv`, or run an Atropos environment under launcher.environments")
 
 
 def is_loopback_host(host: str) -> bool:

@@ -145,7 +145,7 @@ async def completions(request: CompletionRequest, service: Service) -> dict[str,
             samples = await service.generate([prompt] * request.n, settings)
         echo = await service.prompt_logprobs(prompt, request.logprobs or 0) if request.echo else None
         for sample_index, sample in enumerate(samples):
-            sample = _cut_at_stop(service.tokenizer, sample, stops)
+            sample = _cut_at_stop(service.tokenizer, _cut_at_stop_token(sample, request.stop_token_ids), stops)
             usage_completion += len(sample.token_ids)
             choices.append(
                 _choice(service.tokenizer, request, prompt_index * request.n + sample_index, prompt, sample, echo)
@@ -307,6 +307,17 @@ def _cut_at_stop(tokenizer: Any, sample: Completion, stops: list[str]) -> Comple
                 top_logprobs=sample.top_logprobs[:length],
             )
     return sample
+
+
+def _cut_at_stop_token(sample: Completion, stop_token_ids: list[int] | None) -> Completion:
+    """`sample` up to and with its first token in `stop_token_ids` (vLLM's `stop_token_ids`)."""
+    stops = set(stop_token_ids or ())
+    stop_at = [i for i, t in enumerate(sample.token_ids) if t in stops]
+    if not stop_at:
+        return sample
+    length = stop_at[0] + 1
+    return Completion(token_ids=sample.token_ids[:length], log_probs=sample.log_probs[:length],
+                      finish_reason=FINISH_STOP, top_logprobs=sample.top_logprobs[:length])
 
 
 def _text_before_stop(text: str, stops: list[str]) -> str:

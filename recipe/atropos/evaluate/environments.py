@@ -5,9 +5,13 @@
       rg:    {api_url: http://127.0.0.1:9002, data_sources: [reasoning_gym/leg_counting],
               weight: 0.3, api_key_env: RG_ENV_API_KEY}
 
-Standard library only: `config.py` checks the section with :func:`parse_environment_specs` when it
-parses `trainer.atropos`, before anything heavy is imported. Every error names the key, the value
-and the fix (docs/many_environments.md).
+Entries with `type: verifiers` or `type: openenv` are not services: they play episodes in trajectory
+mode (recipe/atropos/episodes/spec.py checks them, the launcher starts a runner for each);
+:func:`parse_environment_specs` checks them and leaves them out of what it returns.
+
+Light imports only (pydantic for the episode entries): `config.py` checks the section with
+:func:`parse_environment_specs` when it parses `trainer.atropos`, before anything heavy is imported.
+Every error names the key, the value and the fix (docs/many_environments.md).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 __all__ = ["EnvironmentSpec", "UnknownDataSourceError", "parse_environment_specs", "resolve_api_keys", "route_data_sources"]
 
 KEY = "trainer.atropos.environments"
-FIELDS = ("api_url", "data_sources", "weight", "api_key_env", "api_key")
+FIELDS = ("type", "api_url", "data_sources", "weight", "api_key_env", "api_key")
+SERVICE_TYPE = "service"
 EXAMPLE = "{api_url: http://127.0.0.1:9001, data_sources: [openai/gsm8k], weight: 1.0}"
 
 
@@ -52,7 +57,10 @@ def _fail(where: str, problem: str, value: Any, fix: str) -> ValueError:
 
 
 def parse_environment_specs(node: Any) -> dict[str, EnvironmentSpec] | None:
-    """The section as written, checked (nothing read from the process environment); None when unset."""
+    """The service entries of the section as written, checked (nothing read from the process
+    environment; episode entries checked by their kind's spec and left out); None when there are none."""
+    from recipe.atropos.episodes.spec import is_episode_entry, load_spec
+
     if node is None:
         return None
     if not isinstance(node, Mapping) or not node:
@@ -65,8 +73,14 @@ def parse_environment_specs(node: Any) -> dict[str, EnvironmentSpec] | None:
         if not isinstance(name, str) or not name or "/" in name:
             raise _fail(KEY, "environment names must be non-empty strings without '/' (they name metrics)", name,
                         "rename it, e.g. gsm8k")
+        if is_episode_entry(entry):
+            load_spec(name, entry)  # EpisodeSpecError (a ValueError) naming the field
+            continue
         if not isinstance(entry, Mapping):
             raise _fail(where, "expected a map with api_url and data_sources", entry, f"write e.g. `{name}: {EXAMPLE}`")
+        if entry.get("type", SERVICE_TYPE) != SERVICE_TYPE:
+            raise _fail(f"{where}.type", "unknown kind", entry.get("type"),
+                        "use service (an environment service at api_url, the default), verifiers or openenv")
         unknown = sorted(set(map(str, entry)) - set(FIELDS))
         if unknown:
             raise _fail(where, f"unknown keys {unknown}", dict(entry), f"use only {list(FIELDS)}")
@@ -100,6 +114,8 @@ def parse_environment_specs(node: Any) -> dict[str, EnvironmentSpec] | None:
         if api_key_env and api_key:
             raise _fail(where, "api_key and api_key_env are both set", "<both>", "keep one (api_key_env keeps the key out of logs)")
         specs[name] = EnvironmentSpec(name, api_url.rstrip("/"), tuple(dict.fromkeys(sources)), weight, api_key_env, api_key)
+    if not specs:
+        return None
     weighted = [s.name for s in specs.values() if s.weight is not None]
     if weighted and len(weighted) != len(specs):
         missing = sorted(set(specs) - set(weighted))

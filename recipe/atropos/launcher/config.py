@@ -13,6 +13,7 @@ Every field is checked when the section is read; errors name the field
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import sys
@@ -164,6 +165,9 @@ class AtroposEnvironmentConfig:
     # Start `python FILE ...` / `python -m MODULE ...` through recipe.atropos.environments.run_env,
     # which lets atroposlib 0.4.0 run under transformers 5 (see atroposlib_compat.py).
     atroposlib_compat: bool = True
+    # Words appended to the command as written, no {placeholder} filled (an episode runner's entry as
+    # JSON, whose prompt templates have braces of their own).
+    literal_args: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -238,11 +242,32 @@ def load_launcher_config(config_file: Path, overrides: Sequence[str]) -> Launche
         atropos = AtroposTrainerConfig.parse(atropos_node)
     except ValueError as exc:
         raise LauncherConfigError(f"{config_file}: {exc}") from exc
+    launcher = parse_launcher_section(section, mode=atropos.mode)
     return dataclasses.replace(
-        parse_launcher_section(section, mode=atropos.mode),
+        launcher,
+        environments=launcher.environments + episode_runners(atropos.environments),
         config_secrets={key: str(value) for key, value in secrets.items() if value not in (None, "")},
         policy_gateway_host=atropos.policy_gateway_host,
         trainer_device=None if device is None else str(device),
+    )
+
+
+def episode_runners(environments: Any) -> tuple[AtroposEnvironmentConfig, ...]:
+    """The runner process of each episode entry of ``trainer.atropos.environments`` (type verifiers or
+    openenv: recipe/atropos/episodes/cli.py), supervised and restarted like launcher.environments."""
+    from recipe.atropos.episodes.spec import is_episode_entry
+
+    return tuple(
+        AtroposEnvironmentConfig(
+            name=name,
+            command=("python", "-m", f"recipe.atropos.{entry['type']}", "--name", "{name}",
+                     "--policy-url", "{policy_base_url}", "--run-api", "{trajectory_api_url}", "--tokenizer", "{tokenizer}"),
+            literal_args=("--spec-json", json.dumps(entry, sort_keys=True)),
+            atroposlib_compat=False,
+            env={"HF_HUB_OFFLINE": "1"},
+        )
+        for name, entry in (environments or {}).items()
+        if is_episode_entry(entry)
     )
 
 

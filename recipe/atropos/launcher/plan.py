@@ -232,7 +232,7 @@ def _atropos_environments(
     environments = []
     for index, env_cfg in enumerate(cfg.environments):
         values = {**common, "name": env_cfg.name, "index": str(index)}
-        argv = _expand(env_cfg.command, values)
+        argv = _expand(env_cfg.command, values) + env_cfg.literal_args
         cwd = (workdir / _fill(env_cfg.workdir, values)).resolve() if env_cfg.workdir else None
         if cwd is not None and not cwd.is_dir():
             raise LauncherConfigError(
@@ -255,8 +255,9 @@ def _atropos_environments(
         )
     if not environments:
         raise LauncherConfigError(
-            "trainer.atropos.mode=trajectory but launcher.environments is empty: nothing would generate batches "
-            "(see recipe/atropos/config/gsm8k_trajectory_cpu.yaml)"
+            "trainer.atropos.mode=trajectory but launcher.environments is empty and trainer.atropos.environments has "
+            "no verifiers or openenv entry: nothing would generate batches (see "
+            "recipe/atropos/config/gsm8k_trajectory_cpu.yaml)"
         )
     return tuple(environments)
 

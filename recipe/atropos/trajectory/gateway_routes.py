@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from recipe.atropos.http_auth import CHALLENGE_HEADERS, authorization_header, bearer_refusal
 from recipe.atropos.trajectory.behavior import BehaviorRecords
 from recipe.atropos.trajectory.gate import ClientGone, GateFull, GateTimeout, GatewayStopping, PolicyGate
-from recipe.atropos.trajectory.generate_api import Sample, completions_body, parse_generate_request
+from recipe.atropos.trajectory.generate_api import Sample, TokenInGenerateRequest, completions_body, parse_generate_request
 
 logger = logging.getLogger("verl.recipe.atropos")
 
@@ -291,6 +292,30 @@ class GatewayRoutes:
         except ValueError as exc:  # pydantic's ValidationError included
             return _error(422 if isinstance(exc, ValidationError) else 400, str(exc))
         body = {**completions_body(request), "logprobs": 0, "return_token_ids": True}
+        samples = await self.sampled_completions(raw, body)
+        if isinstance(samples, Response):
+            return samples
+        prompt_ids, samples = samples
+        return JSONResponse(request.answer(prompt_ids or body["prompt"], samples))
+
+    async def token_generate(self, raw: Request) -> Response:
+        """`/inference/v1/generate` (token ids in; token ids and their log-probs out: verifiers' training
+        client, the episode runners), sent to `/v1/completions` with the prompt as token ids."""
+        try:
+            request = TokenInGenerateRequest.model_validate_json(await raw.body())
+        except ValidationError as exc:
+            return _error(422, str(exc))
+        body = request.completions_body()
+        samples = await self.sampled_completions(raw, body)
+        if isinstance(samples, Response):
+            return samples
+        _, samples = samples
+        return JSONResponse(request.answer(f"gen-{uuid.uuid4().hex}", request.token_ids, samples))
+
+    async def sampled_completions(self, raw: Request, body: dict[str, Any]) -> tuple[list[int] | None, list[Sample]] | Response:
+        """`body` sent to a server's `/v1/completions`, each completion recorded with the weights
+        version that answered; (prompt token ids when the server gave them, the completions), or the
+        answer to pass back when the request was refused or failed."""
         headers = {k: v for k, v in raw.headers.items() if k.lower() == "authorization"}
         try:
             async with self.gate.admitted(_disconnect_of(raw)) as url:
@@ -310,7 +335,7 @@ class GatewayRoutes:
         samples = [Sample(c["text"], c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"]) for c in choices]
         for sample in samples:
             self.records.add(version, sample.token_ids, sample.log_probs)
-        return JSONResponse(request.answer(choices[0].get("prompt_token_ids") or body["prompt"], samples))
+        return choices[0].get("prompt_token_ids") if choices else None, samples
 
 
 def build_app(gate: PolicyGate, records: BehaviorRecords, api_key: str | None = None) -> FastAPI:
@@ -323,9 +348,10 @@ def build_app(gate: PolicyGate, records: BehaviorRecords, api_key: str | None = 
     app.post("/v1/completions")(routes.completions)
     app.post("/v1/chat/completions")(routes.chat_completions)
     app.post("/generate")(routes.generate)
+    app.post("/inference/v1/generate")(routes.token_generate)
     # The generation routes skip FastAPI's routing (added first: the bearer check stays outside it).
     direct = {"/v1/completions": routes.completions, "/v1/chat/completions": routes.chat_completions,
-              "/generate": routes.generate}
+              "/generate": routes.generate, "/inference/v1/generate": routes.token_generate}
     app.add_middleware(_DirectRoutes, routes=direct)
     if api_key:
         app.add_middleware(_BearerKeyMiddleware, api_key=api_key, gate=gate)

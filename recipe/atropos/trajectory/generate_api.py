@@ -10,6 +10,13 @@
   ``meta_info.output_token_logprobs`` ``[[logprob, token_id, null], ...]`` and
   ``meta_info.finish_reason`` ``{"type": "stop" | "length"}``.
 
+- Token-in (`POST /inference/v1/generate`, vLLM's and verifiers' training client's, also used by the
+  episode runners of recipe/atropos/episodes): ``{"model", "token_ids": [...], "sampling_params":
+  {"max_tokens", "temperature", "top_p", "top_k", "n", "seed", "stop_token_ids", "logprobs", ...}}``;
+  the answer has ``request_id``, ``prompt_token_ids`` and per completion ``choices[i]`` with
+  ``token_ids``, ``finish_reason`` and ``logprobs.content`` ``[{"token": "token_id:<id>", "logprob"}]``.
+  Its own route, :class:`TokenInGenerateRequest` (its ``sampling_params`` would read as SGLang's).
+
 `parse_generate_request` tells them apart (SGLang's has ``input_ids``, ``text`` or
 ``sampling_params``); both give the prompt and the sampling settings under OpenAI's completions
 names, and build their own answer from `Sample`s. The CPU policy server answers them itself; the
@@ -52,6 +59,7 @@ class SamplingFields(BaseModel):
     n: int = Field(default=1, ge=1, le=128)
     seed: int | None = None
     stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None  # vLLM's: the completion ends with the first of these
     repetition_penalty: float = Field(default=1.0, gt=0.0)
 
 
@@ -137,6 +145,44 @@ class SGLangGenerateRequest(BaseModel):
             for s in samples
         ]
         return answers if self.sampling_params.n > 1 else answers[0]
+
+
+class _TokenInSampling(SamplingFields):
+    max_tokens: int = Field(default=16, ge=1)
+
+
+class TokenInGenerateRequest(BaseModel):
+    """`POST /inference/v1/generate`: the prompt as exact token ids, never re-tokenized."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    token_ids: list[int] = Field(min_length=1)
+    sampling_params: _TokenInSampling = Field(default_factory=_TokenInSampling)
+
+    def completions_body(self) -> dict[str, Any]:
+        """The `/v1/completions` request for the same prompt and sampling, asking for token ids and the
+        sampled tokens' log-probs (vLLM's `return_token_ids`, `logprobs: 0`)."""
+        body = {**self.sampling_params.model_dump(exclude_none=True), "prompt": list(self.token_ids)}
+        return {**body, "logprobs": 0, "return_token_ids": True}
+
+    @staticmethod
+    def answer(request_id: str, prompt_token_ids: Sequence[int], samples: Sequence[Sample]) -> dict[str, Any]:
+        return {
+            "request_id": request_id,
+            "prompt_token_ids": list(prompt_token_ids),
+            "choices": [
+                {
+                    "index": index,
+                    "text": s.text,
+                    "token_ids": list(s.token_ids),
+                    "finish_reason": s.finish_reason,
+                    "logprobs": {"content": [{"token": f"token_id:{t}", "logprob": float(lp)}
+                                             for t, lp in zip(s.token_ids, s.log_probs)]},
+                }
+                for index, s in enumerate(samples)
+            ],
+        }
 
 
 NativeGenerateRequest = VLLMGenerateRequest | SGLangGenerateRequest

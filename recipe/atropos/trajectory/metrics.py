@@ -7,6 +7,8 @@ generated a group.
 
 from __future__ import annotations
 
+import json
+
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -74,7 +76,41 @@ def env_label(env_id: Any, names: Mapping[int, str] | None = None) -> str:
     if isinstance(env_id, (int, np.integer)) and not isinstance(env_id, bool):
         name = (names or {}).get(int(env_id))
         return _metric_safe(name) if name else f"env_{int(env_id)}"
+    if isinstance(env_id, str) and env_id:  # an episode runner's entry name (group_overrides.env_name)
+        return _metric_safe(env_id)
     return "unknown"
+
+
+# An episode runner's counters (recipe/atropos/episodes/loop.py EpisodeStats.take), summed per step;
+# the rest of its statistics are averaged over its groups.
+_SUMMED_EPISODE_STATS = ("episodes", "failures", "dropped_groups")
+
+
+def episode_metrics(env_id_B: Sequence[Any], stats_json_B: Sequence[str]) -> dict[str, float]:
+    """``atropos/env/<name>/...`` from the episode runners' statistics that came with this step's groups
+    (one JSON object on each group's first row): ``episodes``, ``failures``, ``failures/<kind>`` and
+    ``dropped_groups`` played since the runner's previous group, summed; ``turns_per_episode``,
+    ``tokens_per_episode`` (sampled tokens) and ``reward`` (the group's mean), averaged over groups."""
+    summed: dict[str, dict[str, float]] = {}
+    averaged: dict[str, dict[str, list[float]]] = {}
+    for env_id, text in zip(env_id_B, stats_json_B):
+        if not text:
+            continue
+        label = env_label(env_id)
+        stats = json.loads(text)
+        into = summed.setdefault(label, dict.fromkeys(_SUMMED_EPISODE_STATS, 0.0))
+        for key, value in stats.items():
+            if key in _SUMMED_EPISODE_STATS or key.startswith("failures/"):
+                into[key] = into.get(key, 0.0) + float(value)
+        means = averaged.setdefault(label, {"turns_per_episode": [], "tokens_per_episode": [], "reward": []})
+        for key, name in (("turns_mean", "turns_per_episode"), ("tokens_mean", "tokens_per_episode"),
+                          ("group_reward_mean", "reward")):
+            if key in stats:
+                means[name].append(float(stats[key]))
+    metrics = {f"{ENV_METRIC_PREFIX}{label}/{key}": value for label, values in summed.items() for key, value in values.items()}
+    metrics.update({f"{ENV_METRIC_PREFIX}{label}/{key}": float(np.mean(v)) for label, values in averaged.items()
+                    for key, v in values.items() if v})
+    return metrics
 
 
 def environment_metrics(

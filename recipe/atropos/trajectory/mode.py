@@ -32,7 +32,7 @@ from verl import DataProto
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.trajectory.gateway import PolicyGateway, check_port_free
-from recipe.atropos.trajectory.metrics import environment_metrics
+from recipe.atropos.trajectory.metrics import environment_metrics, episode_metrics
 from recipe.atropos.trajectory import weight_sync
 from recipe.atropos.trajectory.rollout import OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
@@ -42,6 +42,8 @@ from recipe.atropos.trajectory.staleness import BEHAVIOR_MATCHED, check_rollout_
 logger = logging.getLogger(__name__)
 # The rows' run-api env_id (trajectory/scored_data.py's non-tensor).
 ENV_ID_KEY = "atropos_env_id"
+# An episode runner's statistics on each of its groups' first row (JSON; "" elsewhere).
+EPISODE_STATS_KEY = "atropos_episode_stats"
 
 
 class TrajectoryMode:
@@ -141,9 +143,11 @@ class TrajectoryMode:
         scores = batch.batch["token_level_rewards"].float().sum(-1)
         # A sequence's advantage: its token mean over the response (GRPO's is the same on every token).
         advantages = (batch.batch["advantages"].float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        return environment_metrics(
+        metrics = environment_metrics(
             list(env_ids), scores.cpu().numpy(), advantages.cpu().numpy(), names=self.env_names.lookup(env_ids)
         )
+        stats = batch.non_tensor_batch.get(EPISODE_STATS_KEY)
+        return metrics if stats is None else {**metrics, **episode_metrics(list(env_ids), list(stats))}
 
     def rollout_dump(self, batch: DataProto) -> DataProto:
         # The environments' samples only joined the dataloader's rows (which drive `fit()`): that

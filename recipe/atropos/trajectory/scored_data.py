@@ -55,6 +55,8 @@ each sample's tokens to the policy gateway's records instead (trajectory/stalene
 
 from __future__ import annotations
 
+import json
+
 import uuid
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -111,6 +113,7 @@ class TrajectoryBatch:
     group_index_B: np.ndarray
     sample_index_B: np.ndarray
     env_id_B: np.ndarray
+    episode_stats_B: np.ndarray | None = None
     token_level_advantages_BT: torch.Tensor | None = None
     advantage_override_mask_B: torch.Tensor | None = None
     rollout_log_probs_BT: torch.Tensor | None = None
@@ -151,6 +154,8 @@ class TrajectoryBatch:
             "atropos_group_index": self.group_index_B,
             "atropos_sample_index": self.sample_index_B,
             "atropos_env_id": self.env_id_B,
+            "atropos_episode_stats": (self.episode_stats_B if self.episode_stats_B is not None
+                                      else _object_array([""] * self.batch_size)),
             "multi_modal_inputs": _object_array([{} for _ in range(self.batch_size)]),
         }
 
@@ -191,6 +196,7 @@ def scored_groups_to_batch(
         group_index_B=np.asarray(rows.group_indices, dtype=np.int64),
         sample_index_B=np.asarray(rows.sample_indices, dtype=np.int64),
         env_id_B=_object_array(rows.env_ids),
+        episode_stats_B=_object_array(rows.episode_stats),
         generation_params_G=tuple(rows.generation_params),
         dropped=dict(rows.dropped),
     )
@@ -206,6 +212,7 @@ class _Rows:
     group_indices: list[int] = field(default_factory=list)
     sample_indices: list[int] = field(default_factory=list)
     env_ids: list[Any] = field(default_factory=list)
+    episode_stats: list[str] = field(default_factory=list)  # JSON on each group's first row, else ""
     generation_params: list[Mapping[str, Any] | None] = field(default_factory=list)
     dropped: Counter[str] = field(default_factory=Counter)
 
@@ -221,9 +228,24 @@ def _parse_groups(groups: Sequence[Mapping[str, Any]], limits: TrajectoryLimits,
         rows.uids.extend([f"{uid_prefix}{g}-dropped-{i}" if s.dropped else f"{uid_prefix}{g}" for i, s in enumerate(group_samples)])
         rows.group_indices.extend([g] * n)
         rows.sample_indices.extend(range(n))
-        rows.env_ids.extend([group.get("env_id") if isinstance(group, Mapping) else None] * n)
+        env, stats = _episode_origin(group)
+        rows.env_ids.extend([env] * n)
+        rows.episode_stats.extend([stats] + [""] * (n - 1) if n else [])
         rows.generation_params.append(group.get("generation_params") if isinstance(group, Mapping) else None)
     return rows
+
+
+def _episode_origin(group: Any) -> tuple[Any, str]:
+    """The group's origin for metrics: the entry name an episode runner put in ``group_overrides``
+    (recipe/atropos/episodes/scored_group.py) or else run-api's ``env_id``; and the runner's
+    statistics as JSON ("" when none)."""
+    if not isinstance(group, Mapping):
+        return None, ""
+    overrides = group.get("group_overrides")
+    if isinstance(overrides, Mapping) and isinstance(overrides.get("env_name"), str) and overrides["env_name"]:
+        stats = overrides.get("episode_stats")
+        return overrides["env_name"], json.dumps(stats) if isinstance(stats, Mapping) else ""
+    return group.get("env_id"), ""
 
 
 def _padded_tensors(samples: Sequence[Sample], limits: TrajectoryLimits) -> dict[str, torch.Tensor | None]:

@@ -1,0 +1,152 @@
+"""`run_episode_groups`: groups of episodes played concurrently, credited and pushed to run-api.
+
+A group is `group_size` episodes of one task (GRPO compares them). At most `concurrency` episodes run
+at once, across as many groups as that allows. An episode that raises, runs past
+`episode_timeout_s` or returns None costs that episode only: it is counted by kind, logged with the
+task id and the error, and replaced by another try of the same task; a group still short after
+`group_size * max_attempts_factor` tries is dropped (counted). Each full group is credited
+(credit.py), turned into ScoredData with the counters since the last push (scored_group.py), and
+pushed (runapi.py). The run goes on until the tasks run out or `max_groups` groups were pushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Protocol
+
+from recipe.atropos.episodes.credit import group_advantages
+from recipe.atropos.episodes.scored_group import scored_data
+from recipe.atropos.episodes.spec import EpisodeEnvSpec
+from recipe.atropos.episodes.types import Episode, EpisodeFailed
+
+__all__ = ["EpisodeStats", "Pusher", "run_episode_groups", "task_id_of"]
+
+logger = logging.getLogger("verl.recipe.atropos.episodes")
+
+Play = Callable[[Any, int], Awaitable[Episode | None]]
+
+
+class Pusher(Protocol):
+    async def push(self, payload: dict[str, Any]) -> None: ...
+
+
+class EpisodeStats:
+    """Counters of one runner: totals, and what happened since the last pushed group (sent with it)."""
+
+    def __init__(self) -> None:
+        self.total: Counter[str] = Counter()
+        self._since: Counter[str] = Counter()
+        self._turns: list[int] = []
+        self._tokens: list[int] = []
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.total[key] += n
+        self._since[key] += n
+
+    def episode(self, episode: Episode) -> None:
+        self.count("episodes")
+        self._turns.append(episode.num_turns)
+        self._tokens.append(episode.num_sampled)
+
+    def take(self, group: list[Episode]) -> dict[str, float]:
+        """The group's statistics plus the counters since the last group (then reset)."""
+        taken = {k: float(v) for k, v in self._since.items()}
+        taken.update(
+            group_reward_mean=sum(e.reward for e in group) / len(group),
+            turns_mean=sum(self._turns) / max(len(self._turns), 1),
+            tokens_mean=sum(self._tokens) / max(len(self._tokens), 1),
+        )
+        self._since.clear()
+        self._turns.clear()
+        self._tokens.clear()
+        return taken
+
+
+def task_id_of(task: Any, index: int) -> str:
+    """A task's id: its `task_id` attribute or key, else its position in the task stream."""
+    value = task.get("task_id") if isinstance(task, Mapping) else getattr(task, "task_id", None)
+    return str(value) if value is not None else str(index)
+
+
+async def run_episode_groups(spec: EpisodeEnvSpec, name: str, tasks: Iterable[Any], play: Play, pusher: Pusher,
+                             stats: EpisodeStats | None = None) -> EpisodeStats:
+    """Play `tasks` in groups until they run out (or `spec.max_groups` groups were pushed)."""
+    stats = stats or EpisodeStats()
+    semaphore = asyncio.Semaphore(spec.concurrency)
+    # Enough groups in flight to keep `concurrency` episodes busy while some groups finish.
+    groups_in_flight = math.ceil(spec.concurrency / spec.group_size) + 1
+    numbered = enumerate(tasks)
+    pushed = itertools.count(1)
+    done = asyncio.Event()
+
+    async def worker() -> None:
+        for index, task in numbered:  # one shared iterator: each task goes to one worker
+            if done.is_set():
+                return
+            group = await _play_group(spec, task, task_id_of(task, index), play, semaphore, stats)
+            if group is None or done.is_set():
+                continue
+            await _push_group(spec, name, group, pusher, stats)
+            if spec.max_groups is not None and next(pushed) >= spec.max_groups:
+                done.set()
+
+    await asyncio.gather(*(worker() for _ in range(groups_in_flight)))
+    return stats
+
+
+async def _play_group(spec: EpisodeEnvSpec, task: Any, task_id: str, play: Play, semaphore: asyncio.Semaphore,
+                      stats: EpisodeStats) -> list[Episode] | None:
+    """`group_size` episodes of `task`, failed ones replaced; None when the group cannot be filled."""
+    episodes: list[Episode] = []
+    tries = 0
+    max_tries = spec.group_size * spec.max_attempts_factor
+    while len(episodes) < spec.group_size and tries < max_tries:
+        wanted = min(spec.group_size - len(episodes), max_tries - tries)
+        results = await asyncio.gather(*(_play_one(spec, task, task_id, tries + k, play, semaphore, stats)
+                                         for k in range(wanted)))
+        tries += wanted
+        episodes.extend(e for e in results if e is not None)
+    if len(episodes) < spec.group_size:
+        stats.count("dropped_groups")
+        logger.warning("task %s: %d of %d episodes after %d tries; group dropped", task_id, len(episodes),
+                       spec.group_size, tries)
+        return None
+    return episodes
+
+
+async def _play_one(spec: EpisodeEnvSpec, task: Any, task_id: str, attempt: int, play: Play,
+                    semaphore: asyncio.Semaphore, stats: EpisodeStats) -> Episode | None:
+    async with semaphore:
+        try:
+            episode = await asyncio.wait_for(play(task, attempt), timeout=spec.episode_timeout_s)
+            if episode is None:
+                raise EpisodeFailed("no_trace", "the episode returned nothing to train on")
+        except EpisodeFailed as exc:
+            kind, message = exc.kind, str(exc)
+        except asyncio.TimeoutError:
+            kind, message = "timeout", f"no result within episode_timeout_s={spec.episode_timeout_s:g} s"
+        except Exception as exc:  # the environment's own bug costs this episode, never the run
+            kind, message = "error", f"{type(exc).__name__}: {exc}"
+        else:
+            stats.episode(episode)
+            return episode
+    stats.count("failures")
+    stats.count(f"failures/{kind}")
+    logger.warning("episode of task %s (try %d) failed (%s): %s", task_id, attempt + 1, kind, message)
+    return None
+
+
+async def _push_group(spec: EpisodeEnvSpec, name: str, group: list[Episode], pusher: Pusher, stats: EpisodeStats) -> None:
+    try:
+        advantages = group_advantages(group, spec.credit, norm_adv_by_std=spec.norm_adv_by_std)
+    except ValueError as exc:
+        stats.count("dropped_groups")
+        logger.warning("task %s: group dropped: %s", group[0].task_id, exc)
+        return
+    await pusher.push(scored_data(group, advantages, env_name=name, stats=stats.take(group)))
+    stats.count("pushed_groups")
