@@ -101,3 +101,39 @@ def test_records_keep_the_newest_versions_and_find_exact_tokens(keep, completion
 def test_a_record_needs_one_log_prob_per_token():
     with pytest.raises(ValueError, match="2 token ids but 1 log-probs"):
         BehaviorRecords().add(0, [1, 2], [-0.1])
+
+
+def test_token_in_generate_is_recorded_and_never_retokenizes(policy_server):
+    """`/inference/v1/generate` (verifiers' training client, the episode runners): exact prompt ids in,
+    sampled ids and one log-prob each out, recorded with the weights version that answered."""
+    import asyncio
+
+    from recipe.atropos.episodes.policy import TokenPolicyClient
+
+    async def two_turns(url: str):
+        async with TokenPolicyClient(f"{url}/v1", model="anything") as client:
+            first = await client.generate([5, 6, 7], max_tokens=5, seed=1)
+            # The next turn's prompt: the exact tokens so far plus the environment's (never re-tokenized).
+            second_prompt = [5, 6, 7, *first.token_ids, 9, 10]
+            second = await client.generate(second_prompt, max_tokens=5, seed=2)
+            return first, second_prompt, second
+
+    with running_gateway([policy_server.url], opened_at=7) as gateway:
+        first, second_prompt, second = asyncio.run(two_turns(root_url(gateway)))
+        raw = post(gateway, "/inference/v1/generate", {"model": "x", "token_ids": second_prompt,
+                                                       "sampling_params": {"max_tokens": 5, "seed": 2, "logprobs": 1}})
+        for completion in (first, second):
+            record = gateway.records.lookup(list(completion.token_ids))
+            assert record is not None and record.version == 7
+            np.testing.assert_allclose(record.logprobs_T, completion.logprobs, atol=1e-5)
+        assert raw["prompt_token_ids"] == second_prompt
+        choice = raw["choices"][0]
+        assert choice["token_ids"] == list(second.token_ids)  # same seed, same prompt ids
+        assert [e["token"] for e in choice["logprobs"]["content"]] == [f"token_id:{t}" for t in choice["token_ids"]]
+        # stop_token_ids: the completion ends with the first of them.
+        stop = choice["token_ids"][1] if len(choice["token_ids"]) > 1 else choice["token_ids"][0]
+        cut = post(gateway, "/inference/v1/generate", {"token_ids": second_prompt, "sampling_params": {
+            "max_tokens": 5, "seed": 2, "stop_token_ids": [stop]}})["choices"][0]
+        assert cut["token_ids"] == choice["token_ids"][: choice["token_ids"].index(stop) + 1]
+        bad = requests.post(f"{root_url(gateway)}/inference/v1/generate", json={"token_ids": []}, timeout=30)
+        assert bad.status_code == 422 and "token_ids" in bad.text

@@ -1,0 +1,175 @@
+"""The episode core (recipe/atropos/episodes): multi-turn sequences, credit, the group's wire form as
+the trainer reads it, the concurrent group loop's failure handling, and the gateway's token-in route.
+
+What a user of a verifiers or OpenEnv entry relies on: sampled tokens trained with mask 1 and their
+behaviour log-probs, environment tokens with mask 0, GRPO outcome or process credit exactly, an
+episode that fails costs that episode only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recipe.atropos.episodes.credit import group_advantages
+from recipe.atropos.episodes.loop import EpisodeStats, run_episode_groups
+from recipe.atropos.episodes.scored_group import scored_data
+from recipe.atropos.episodes.spec import EPISODE_KINDS, EpisodeEnvSpec, EpisodeSpecError, load_spec
+from recipe.atropos.episodes.transcript import Transcript
+from recipe.atropos.episodes.types import Completion, Episode, EpisodeFailed
+
+VOCAB = 50
+ids = st.lists(st.integers(1, VOCAB - 1), min_size=1, max_size=6)
+turn = st.tuples(ids, st.lists(st.floats(-5, 0), min_size=1, max_size=6), st.floats(-1, 1), ids)
+
+
+def play(prompt: list[int], turns) -> Episode:
+    """A transcript: prompt, then per turn a completion (its log-probs), a step reward, environment text."""
+    transcript = Transcript(prompt)
+    for k, (answer, logprobs, reward, observation) in enumerate(turns):
+        logprobs = (logprobs * len(answer))[: len(answer)]
+        transcript.add_completion(Completion(tuple(answer), tuple(logprobs)))
+        transcript.end_step(reward)
+        if k < len(turns) - 1:
+            transcript.add_environment(observation)
+    return transcript.episode("task")
+
+
+@settings(max_examples=60, deadline=None)
+@given(prompt=ids, turns=st.lists(turn, min_size=1, max_size=4))
+def test_a_transcript_keeps_every_token_in_order_with_sampled_tokens_marked(prompt, turns):
+    episode = play(prompt, turns)
+    expected_ids, expected_mask = list(prompt), [False] * len(prompt)
+    for k, (answer, _, _, observation) in enumerate(turns):
+        expected_ids += answer
+        expected_mask += [True] * len(answer)
+        if k < len(turns) - 1:
+            expected_ids += observation
+            expected_mask += [False] * len(observation)
+    assert list(episode.token_ids) == expected_ids and list(episode.sampled_mask) == expected_mask
+    assert all(lp == 0.0 for lp, s in zip(episode.logprobs, episode.sampled_mask) if not s)
+    assert episode.num_turns == len(turns) and episode.reward == pytest.approx(sum(t[2] for t in turns))
+    assert all(episode.sampled_mask[e] and (e + 1 == len(episode.token_ids) or not episode.sampled_mask[e + 1])
+               for e in episode.step_ends)
+
+
+def process_by_hand(episodes: list[Episode]) -> list[list[float]]:
+    """DeepSeekMath 4.1.3 written out: normalize all step rewards together; token t sums the steps ending at or after it."""
+    rewards = [r for e in episodes for r in e.step_rewards]
+    mean, std = np.mean(rewards), (np.std(rewards, ddof=1) if len(rewards) > 1 else 1.0)
+    if len(rewards) < 2:
+        mean = 0.0
+    out = []
+    for e in episodes:
+        row = []
+        for t, sampled in enumerate(e.sampled_mask):
+            total = sum((r - mean) / (std + 1e-6) for r, end in zip(e.step_rewards, e.step_ends) if end >= t)
+            row.append(total if sampled else 0.0)
+        out.append(row)
+    return out
+
+
+@settings(max_examples=60, deadline=None)
+@given(group=st.lists(st.tuples(ids, st.lists(turn, min_size=1, max_size=3)), min_size=2, max_size=4))
+def test_process_credit_is_grpo_process_supervision_and_outcome_credit_is_grpo(group):
+    episodes = [play(prompt, turns) for prompt, turns in group]
+    for got, want in zip(group_advantages(episodes, "process"), process_by_hand(episodes)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    rewards = np.array([e.reward for e in episodes])
+    outcome = (rewards - rewards.mean()) / (rewards.std(ddof=1) + 1e-6)
+    for got, e, a in zip(group_advantages(episodes, "outcome"), episodes, outcome):
+        np.testing.assert_allclose(got, np.where(e.sampled_mask, a, 0.0), rtol=1e-4, atol=1e-4)
+
+
+def test_an_environments_own_advantages_are_kept_and_a_mixed_group_is_refused():
+    base = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
+    own = Episode(**{**base.__dict__, "advantages": (9.0, 9.0, 0.25, -0.5)})
+    np.testing.assert_array_equal(group_advantages([own, own])[0], [0, 0, 0.25, -0.5])
+    with pytest.raises(ValueError, match="1 of 2 episodes"):
+        group_advantages([own, base])
+
+
+@settings(max_examples=40, deadline=None)
+@given(group=st.lists(st.tuples(ids, st.lists(turn, min_size=1, max_size=3)), min_size=2, max_size=3))
+def test_the_trainer_reads_a_pushed_group_back_exactly(group):
+    """scored_data -> the trainer's own converter: response tokens, mask, advantages and log-probs survive."""
+    from recipe.atropos.trajectory.scored_data import TrajectoryLimits, scored_groups_to_batch
+
+    episodes = [play(prompt, turns) for prompt, turns in group]
+    advantages = group_advantages(episodes, "process")
+    payload = scored_data(episodes, advantages, env_name="guess", stats={"episodes": 3.0})
+    batch = scored_groups_to_batch([payload], TrajectoryLimits(64, 64, pad_token_id=0, pad_to_limits=False))
+    assert list(batch.env_id_B) == ["guess"] * len(episodes)
+    for b, (e, a) in enumerate(zip(episodes, advantages)):
+        p = e.prompt_length
+        n = len(e.token_ids) - p
+        assert batch.responses_BT[b, :n].tolist() == list(e.token_ids[p:])
+        assert batch.response_mask_BT[b, :n].bool().tolist() == list(e.sampled_mask[p:])
+        trained = np.asarray(e.sampled_mask[p:])
+        np.testing.assert_allclose(batch.token_level_advantages_BT[b, :n].numpy()[trained], a[p:][trained], atol=1e-6)
+        np.testing.assert_allclose(batch.rollout_log_probs_BT[b, :n].numpy()[trained],
+                                   np.asarray(e.logprobs[p:])[trained], atol=1e-6)
+
+
+class RecordingPusher:
+    def __init__(self):
+        self.payloads = []
+
+    async def push(self, payload):
+        self.payloads.append(payload)
+
+
+def test_failed_episodes_are_counted_logged_and_replaced(caplog):
+    """Task k's first try raises, its second hangs past the budget, its third returns nothing; the rest play."""
+    tries: dict[str, int] = {}
+
+    async def play_one(task, attempt):
+        n = tries[task["task_id"]] = tries.get(task["task_id"], 0) + 1
+        if task["task_id"] == "bad" and n == 1:
+            raise RuntimeError("the tool crashed")
+        if task["task_id"] == "bad" and n == 2:
+            await asyncio.sleep(60)
+        if task["task_id"] == "bad" and n == 3:
+            return None
+        if task["task_id"] == "server":
+            raise EpisodeFailed("server", "closed with 1012")
+        transcript = Transcript([1, 2])
+        transcript.add_completion(Completion((3,), (-0.1,)))
+        return transcript.episode(task["task_id"], reward=float(attempt))
+
+    spec = EpisodeEnvSpec(type="verifiers", group_size=2, concurrency=2, episode_timeout_s=0.5, max_attempts_factor=2)
+    pusher = RecordingPusher()
+    tasks = [{"task_id": "ok"}, {"task_id": "bad"}, {"task_id": "server"}, {"task_id": "ok2"}]
+    with caplog.at_level(logging.WARNING, logger="verl.recipe.atropos.episodes"):
+        stats = asyncio.run(run_episode_groups(spec, "arith", tasks, play_one, pusher))
+    # ok and ok2 fill their groups; bad has 1 episode after its 4 tries and server none: both dropped.
+    assert [p["group_overrides"]["env_name"] for p in pusher.payloads] == ["arith"] * 2
+    assert all(len(p["tokens"]) == 2 for p in pusher.payloads)
+    assert stats.total["failures/error"] == 1 and stats.total["failures/timeout"] == 1
+    assert stats.total["failures/no_trace"] == 1 and stats.total["failures/server"] == 4
+    assert stats.total["failures"] == 7 and stats.total["episodes"] == 5
+    assert stats.total["dropped_groups"] == 2 and stats.total["pushed_groups"] == 2
+    # Each failure is in the log with its task and what went wrong.
+    for text in ("task bad (try 1) failed (error): RuntimeError: the tool crashed", "task bad (try 2) failed (timeout)",
+                 "task bad (try 3) failed (no_trace)", "task server (try 4) failed (server): closed with 1012"):
+        assert text in caplog.text
+    # The counters go to the trainer with the next group: each pushed group's own episodes at least.
+    sent = [p["group_overrides"]["episode_stats"] for p in pusher.payloads]
+    assert 4 <= sum(s.get("episodes", 0) for s in sent) <= 5
+    assert all(s["turns_mean"] == 1 and s["tokens_mean"] == 1 for s in sent)
+
+
+def test_an_entry_with_a_wrong_field_names_it(monkeypatch):
+    monkeypatch.setitem(EPISODE_KINDS, "plain", "recipe.atropos.episodes.spec:EpisodeEnvSpec")
+    assert load_spec("arith", {"type": "plain", "group_size": 8}).group_size == 8
+    with pytest.raises(EpisodeSpecError, match=r"trainer\.atropos\.environments\.arith\.group_size: .*got 0"):
+        load_spec("arith", {"type": "plain", "group_size": 0})
+    with pytest.raises(EpisodeSpecError, match=r"arith\.grup_size: Extra inputs are not permitted.*known keys"):
+        load_spec("arith", {"type": "plain", "grup_size": 4})
+    with pytest.raises(EpisodeSpecError, match=r"type 'gym' is not an episode kind"):
+        load_spec("arith", {"type": "gym"})
