@@ -34,6 +34,7 @@ POLICY_API_KEY_ENV = "ATROPOS_POLICY_API_KEY"
 MODES = ("evaluate", "trajectory")
 ENCODINGS = ("auto", "json", "msgpack")
 UNMATCHED_SAMPLES = ("keep", "drop")
+ROLLOUT_PLACEMENTS = ("colocated", "separate")
 SECTION = "trainer.atropos"
 # The groups of keys, in the order the YAML and the README show them.
 GROUPS = {"shared": "Both modes", "evaluate": "Evaluate mode", "trajectory": "Trajectory mode"}
@@ -156,6 +157,14 @@ class AtroposTrainerConfig:
         (`atropos/dropped_groups/unmatched`). `keep` by default so that such environments still
         train; `drop` for a strict staleness bound (required by `rollout_correction.bypass_mode`).""",
         _one_of(UNMATCHED_SAMPLES))
+    rollout_placement: str = _key("colocated", "trajectory", """
+        Where the rollout servers run. `colocated`: on the actor's devices, asleep while it trains
+        (the gateway holds environments' requests for the whole update). `separate`: on a resource
+        pool of their own (`actor_rollout_ref.rollout.nnodes` x `n_gpus_per_node`; on CPU, logical
+        GPU slots that `ray_kwargs.ray_init.num_gpus` must also count), through verl's separation
+        seam: environments keep generating while the actor updates, the gateway pauses only for
+        each weight swap, and `max_staleness` bounds what that costs (docs/async.md).""",
+        _one_of(ROLLOUT_PLACEMENTS))
 
     @classmethod
     def parse(cls, node: Mapping[str, Any] | None) -> AtroposTrainerConfig:
@@ -187,6 +196,11 @@ class AtroposTrainerConfig:
             if check is not None and not check[1](value):
                 raise ValueError(f"{SECTION}.{spec.name} must be {check[0]}, got {value!r}")
         _check_environment_kinds(config.mode, config.environments)
+        if config.rollout_placement == "separate" and config.mode != "trajectory":
+            raise ValueError(
+                f"{SECTION}.rollout_placement=separate needs {SECTION}.mode=trajectory (environments generate "
+                f"through the policy gateway while the actor trains); got mode={config.mode!r}"
+            )
         return config
 
     @classmethod

@@ -28,9 +28,19 @@ from recipe.atropos.evaluate.mixing import weighted_train_sampler
 from recipe.atropos.evaluate.mode import EvaluateMode
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
 from recipe.atropos.trajectory.mode import TrajectoryMode
+from recipe.atropos.trajectory.rollout import GENERATED_AT
 
 
 class RayGRPOAtroposTrainer(RayPPOTrainer):
+    def __new__(cls, *args, config, **kwargs):
+        # trainer.atropos.rollout_placement=separate: the same trainer on verl's separation seam
+        # (placement/separate_trainer.py), so that the configs keep one trainer_cls.
+        if cls is RayGRPOAtroposTrainer and AtroposTrainerConfig.parse(config.trainer.get("atropos")).rollout_placement == "separate":
+            from recipe.atropos.placement.separate_trainer import SeparateGRPOAtroposTrainer
+
+            cls = SeparateGRPOAtroposTrainer
+        return super().__new__(cls)
+
     def __init__(self, *args, config, **kwargs):
         self.atropos_config = AtroposTrainerConfig.from_config(config.trainer.get("atropos"))
         if self.atropos_config.mode == "evaluate" and kwargs.get("train_dataset") is not None:
@@ -84,5 +94,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             "trained_token_ids": [ids[m].tolist() for ids, m in zip(batch.batch["responses"], mask_BT)],
             "advantages": [adv[m].tolist() for adv, m in zip(batch.batch["advantages"], mask_BT)],
         }
+        if GENERATED_AT in batch.non_tensor_batch:  # trajectory mode: when the gateway recorded each completion
+            trained["generated_at"] = [None if t != t else float(t) for t in batch.non_tensor_batch[GENERATED_AT]]
         batch = self.atropos_mode.rollout_dump(batch)
         super()._log_rollout_data(batch, {**reward_extra_infos_dict, **trained}, timing_raw, rollout_data_dir)

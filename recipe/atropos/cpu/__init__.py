@@ -11,6 +11,8 @@ Importing it then, once per process:
 - registers the "hf" rollout backend, Hugging Face `generate()` plus an OpenAI endpoint
   (`rollout.py`, `hf_server.py`), and points verl's "vllm" backend at its CPU variant
   (`vllm_rollout.py`: verl's own vLLM replica and server, for vLLM's CPU build);
+- registers the "gloo" checkpoint engine (`gloo_checkpoint_engine.py`): weight sync to rollout
+  servers on a resource pool of their own (`trainer.atropos.rollout_placement: separate`);
 - applies the patches verl has no seam for (`patches.py`).
 
 Without `VERL_PLATFORM=cpu` it only registers the platform and changes nothing else. The settings a
@@ -36,6 +38,7 @@ def activate() -> bool:
     register_cpu_platform()
     if not cpu_mode_selected():
         return False
+    import recipe.atropos.cpu.gloo_checkpoint_engine  # noqa: F401 - registers checkpoint_engine.backend=gloo
     from recipe.atropos.cpu.engine import register_cpu_engines
     from recipe.atropos.cpu.patches import apply_patches
     from recipe.atropos.cpu.rollout import register_cpu_vllm_rollout, register_hf_rollout

@@ -28,6 +28,7 @@ import torch
 
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
+from verl.workers.rollout.utils import ensure_async_iterator
 
 from recipe.atropos.cpu.hf_server import ROLLOUT_NAME, HFRolloutServer, server_actor_name
 
@@ -55,9 +56,9 @@ class HFServerAdapter(BaseRollout):
         self._server: ray.actor.ActorHandle | None = None
 
     def _server_handle(self) -> ray.actor.ActorHandle:
-        # The server starts after the workers (LLMServerManager), so it is looked up on first use.
-        if self._server is None:
-            self._server = ray.get_actor(server_actor_name(self.replica_rank))
+        # The server starts after the workers (LLMServerManager), so it is looked up when weights
+        # come; again at every sync: a server that died was started again under the same name.
+        self._server = ray.get_actor(server_actor_name(self.replica_rank))
         return self._server
 
     async def resume(self, tags: list[str]) -> None:
@@ -87,7 +88,9 @@ class HFServerAdapter(BaseRollout):
         bucket: list[tuple[str, torch.Tensor]] = []
         bucket_bytes = 0
         # Consume the whole generator: producing a full tensor may be a collective across ranks.
-        for name, tensor in weights:
+        # (A plain generator from the actor colocated with it; an async one from a checkpoint
+        # engine when the server runs on a pool of its own.)
+        async for name, tensor in ensure_async_iterator(weights):
             tensor = tensor.detach().to("cpu").contiguous()  # Ray copies it when the bucket is sent
             bucket.append((name, tensor))
             bucket_bytes += tensor.numel() * tensor.element_size()
@@ -98,11 +101,17 @@ class HFServerAdapter(BaseRollout):
 
 
 class HFRolloutReplica(RolloutReplica):
-    """On the driver: one HF rollout server per replica, beside the replica's FSDP worker."""
+    """On the driver: one HF rollout server per replica, beside the replica's worker: the actor's
+    FSDP worker (hybrid), or verl's `CheckpointEngineWorker` on the replica's own resource pool
+    (standalone, `trainer.atropos.rollout_placement: separate`). Called again, `launch_servers`
+    starts a new server (one that died is replaced)."""
 
     async def launch_servers(self) -> None:
-        if self.rollout_mode != RolloutMode.HYBRID:
-            raise NotImplementedError(f"rollout.name={ROLLOUT_NAME} runs colocated with the actor only (hybrid engine)")
+        if self.rollout_mode not in (RolloutMode.HYBRID, RolloutMode.STANDALONE):
+            raise NotImplementedError(
+                f"rollout.name={ROLLOUT_NAME} runs beside the actor's worker (hybrid) or on a pool of its own "
+                f"(standalone), not {self.rollout_mode}"
+            )
         if self.world_size != 1 or len(self.workers) != 1:
             raise ValueError(UNSHARDED_ONLY)
         node_id = await self.workers[0].__ray_call__.remote(lambda worker: ray.get_runtime_context().get_node_id())

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ class BehaviorRecord:
 
     version: int | None  # the training step whose weights generated it (the gateway's `global_steps`)
     logprobs_T: np.ndarray  # float32 [T]: each sampled token's log-prob under those weights
+    recorded_at: float = 0.0  # wall-clock time (time.time()) the gateway had the answer: when it was generated
 
 
 def token_key(token_ids: Sequence[int] | np.ndarray) -> bytes:
@@ -60,7 +62,7 @@ class BehaviorRecords:
         """Record one completion; `logprobs` has one entry per token of `token_ids`."""
         if len(token_ids) != len(logprobs):
             raise ValueError(f"{len(token_ids)} token ids but {len(logprobs)} log-probs")
-        record = BehaviorRecord(version, np.asarray(logprobs, dtype=np.float32))
+        record = BehaviorRecord(version, np.asarray(logprobs, dtype=np.float32), time.time())
         key = token_key(token_ids)
         with self._lock:
             records = self._by_version.get(version)

@@ -12,6 +12,8 @@ import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
+from recipe.atropos.trajectory.activity import ServingActivity
+
 
 class GateTimeout(Exception):
     """A request waited longer than `hold_timeout_s` at the closed gate."""
@@ -39,6 +41,13 @@ class Backends:
         self.in_flight = dict.fromkeys(self.urls, 0)
         self._order = itertools.count()
 
+    def replace(self, old: str, new: str) -> None:
+        """A restarted server's new URL in place of its old one (requests still counted on the old
+        one finish against it: they failed with the server)."""
+        old, new = old.rstrip("/"), new.rstrip("/")
+        self.urls[self.urls.index(old)] = new
+        self.in_flight.setdefault(new, 0)
+
     def pick(self) -> str:
         """The server with the fewest requests in flight (round robin among equals)."""
         turn = next(self._order)
@@ -63,6 +72,7 @@ class PolicyGate:
         self.times_opened = 0  # weight syncs done (fit() syncs once before the first step)
         self.times_closed = 0  # times the servers were put to sleep
         self.stopping = False
+        self.activity = ServingActivity()  # when requests were in flight (trajectory/activity.py)
         self._open = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -88,12 +98,14 @@ class PolicyGate:
         url = self.backends.pick()
         self.backends.in_flight[url] += 1
         self._idle.clear()
+        self.activity.busy()
         try:
             yield url
         finally:
             self.backends.in_flight[url] -= 1
             if self.in_flight == 0:
                 self._idle.set()
+                self.activity.idle()
 
     async def _hold(self, disconnected: Callable[[], Awaitable[Any]] | None) -> None:
         if self.held >= self.max_held:
@@ -125,6 +137,9 @@ class PolicyGate:
         self.global_steps = global_steps
         self.times_opened += 1
         self._open.set()
+
+    async def replace_backend(self, old: str, new: str) -> None:
+        self.backends.replace(old, new)
 
     async def stop_admitting(self) -> None:
         """Turn away held and new requests (503), before the server shuts down."""

@@ -163,6 +163,25 @@ class PolicyGateway:
         self.records.new_version(global_steps)
         self._call(self._gate.open, global_steps)
 
+    @property
+    def activity(self):
+        """When requests were in flight (trajectory/activity.py `ServingActivity`)."""
+        return self._gate.activity
+
+    @property
+    def global_steps(self) -> int | None:
+        """The training step whose weights the servers hold (None before the first sync)."""
+        return self._gate.global_steps if self._gate is not None else None
+
+    @property
+    def server_urls(self) -> list[str]:
+        return list(self._backends.urls)
+
+    def replace_server(self, old_url: str, new_url: str) -> None:
+        """A restarted rollout server's URL in place of the one that died."""
+        self._call(self._gate.replace_backend, old_url, new_url)
+        logger.warning("policy gateway: rollout server %s replaced by %s", old_url, new_url)
+
     def close_and_drain(self) -> None:
         """Hold new requests; wait (up to drain_timeout_s) for those in flight to finish."""
         start = time.monotonic()

@@ -34,6 +34,7 @@ from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.trajectory.gateway import PolicyGateway, check_port_free
 from recipe.atropos.trajectory.metrics import environment_metrics, episode_metrics
 from recipe.atropos.trajectory import weight_sync
+from recipe.atropos.placement.weight_sync import CLASS_PATH as SEPARATED_CLASS_PATH
 from recipe.atropos.trajectory.rollout import OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.trajectory.scored_data import TrajectoryLimits
@@ -55,7 +56,9 @@ class TrajectoryMode:
         self.env_names = RegisteredEnvNames(atropos_config.trajectory_api_url)
 
     def before_workers(self, trainer: Any) -> None:
-        use_gated_weight_sync(trainer.config.actor_rollout_ref.rollout)
+        # Separate placement: the servers keep serving while the actor trains (placement/weight_sync.py).
+        separate = self.config.rollout_placement == "separate"
+        use_gated_weight_sync(trainer.config.actor_rollout_ref.rollout, SEPARATED_CLASS_PATH if separate else None)
         check_rollout_correction(trainer.config.algorithm.get("rollout_correction"), self.config.unmatched_samples)
         # Before the (slow) workers: a busy port is a clear stop now, not after the model loads.
         check_port_free(self.config.policy_gateway_host, self.config.policy_gateway_port)
@@ -208,13 +211,15 @@ class RegisteredEnvNames:
             )
 
 
-def use_gated_weight_sync(rollout: Any) -> None:
-    """``rollout.checkpoint_manager_class`` = the gated manager; another class there is refused."""
+def use_gated_weight_sync(rollout: Any, class_path: str | None = None) -> None:
+    """``rollout.checkpoint_manager_class`` = the gated manager (``class_path``, default the colocated
+    one); another class there is refused."""
+    class_path = class_path or weight_sync.CLASS_PATH
     chosen = rollout.get("checkpoint_manager_class")
-    if chosen and chosen != weight_sync.CLASS_PATH:
+    if chosen and chosen != class_path:
         raise ValueError(
             f"trainer.atropos.mode=trajectory closes the policy gateway around weight syncs through "
-            f"actor_rollout_ref.rollout.checkpoint_manager_class={weight_sync.CLASS_PATH}; got {chosen!r}"
+            f"actor_rollout_ref.rollout.checkpoint_manager_class={class_path}; got {chosen!r}"
         )
     with open_dict(rollout):
-        rollout.checkpoint_manager_class = weight_sync.CLASS_PATH
+        rollout.checkpoint_manager_class = class_path

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,8 @@ logger = logging.getLogger("verl.recipe.atropos")
 GROUP_UID = "atropos_uid"
 OVERRIDES = "atropos_token_level_advantages"
 OVERRIDE_MASK = "atropos_advantage_override_mask"
+# Per row: the wall-clock time the gateway recorded the completion (NaN unknown); in the rollout dump.
+GENERATED_AT = "atropos_generated_at"
 
 
 class TrajectoryBatchTimeout(TimeoutError):
@@ -101,6 +104,9 @@ class TrajectoryRolloutManager:
             records, self.atropos_config.max_staleness, self.atropos_config.unmatched_samples
         )
         self._warned_unmatched = False
+        # Called on the trainer's thread between polls while a step waits for its batch (separate
+        # placement: restart a rollout server that died, placement/restarts.py).
+        self.idle_hook: Callable[[], None] | None = None
 
     def register(self, starting_step: int) -> int:
         """`POST /register` with what this run pulls, then the first `GET /batch`, which environments
@@ -147,6 +153,8 @@ class TrajectoryRolloutManager:
             )
             self._warn_unmatched(tensors[BEHAVIOR_MATCHED], converted.response_mask_BT)
         non_tensors = converted.non_tensors()
+        if selection is not None:
+            non_tensors[GENERATED_AT] = selection.generated_at(converted.group_index_B, converted.sample_index_B)
         # verl's dataloader batch already holds a `uid` per row; the groups' uids travel under
         # another key and replace it before advantages are computed (see the trainer).
         non_tensors[GROUP_UID] = non_tensors.pop("uid")
@@ -231,6 +239,8 @@ class TrajectoryRolloutManager:
                     or "  (environments not started by the launcher: their logs are not known here)",
                 )
                 next_progress = now + self.progress_interval_s
+            if self.idle_hook is not None:
+                self.idle_hook()
             time.sleep(self.poll_interval_s)
 
     def _stuck_report(self, num_rows: int, waited_s: float) -> str:

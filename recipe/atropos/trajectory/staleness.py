@@ -61,12 +61,15 @@ class SampleBehavior:
         (None unless matched, or when a run's version has left the records' window: ``expired``).
     env_logprobs_max_abs_diff: largest |recorded - environment's inference_logprobs| over its trained
         tokens, when the environment sent them (None otherwise).
+    generated_at: wall-clock time the gateway recorded its last run's answer (None unless matched
+        with log-probs).
     """
 
     matched: bool | None
     version: int | None = None
     logprobs_T: np.ndarray | None = None
     env_logprobs_max_abs_diff: float | None = None
+    generated_at: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +123,7 @@ def match_sample(records: BehaviorRecords, tokens: Any, mask: Any, env_logprobs:
     if not runs:
         return SampleBehavior(None)
     logprobs_T = np.zeros(len(response_T), dtype=np.float32)
-    versions, expired = [], False
+    versions, expired, generated_at = [], False, 0.0
     for run in runs:
         record = records.lookup(response_T[run])
         if record is None:
@@ -135,9 +138,11 @@ def match_sample(records: BehaviorRecords, tokens: Any, mask: Any, env_logprobs:
             return SampleBehavior(False)
         logprobs_T[run] = record.logprobs_T
         versions.append(record.version)
+        generated_at = max(generated_at, record.recorded_at)
     if expired:
         return SampleBehavior(True, min(versions))
-    return SampleBehavior(True, min(versions), logprobs_T, _env_diff(env_logprobs, p, logprobs_T, trained_T))
+    return SampleBehavior(True, min(versions), logprobs_T, _env_diff(env_logprobs, p, logprobs_T, trained_T),
+                          generated_at)
 
 
 def _env_diff(env_logprobs: Any, p: int, logprobs_T: np.ndarray, trained_T: np.ndarray) -> float | None:
@@ -175,6 +180,7 @@ class Selection:
     pulled: tuple[PulledGroup, ...]
     current_version: int
     dropped_groups: Mapping[str, int]
+    max_staleness: int | None = None  # the bound: `atropos/staleness/fraction_<k>` for every k up to it
 
     @property
     def groups(self) -> list[Mapping[str, Any]]:
@@ -193,9 +199,15 @@ class Selection:
         if staleness:
             out["atropos/staleness/mean"] = float(np.mean(staleness))
             out["atropos/staleness/max"] = float(max(staleness))
+            out.update(staleness_distribution(staleness, self.max_staleness))
         if diffs:
             out["atropos/behavior_logprob_env_max_abs_diff"] = float(max(diffs))
         return out
+
+    def generated_at(self, group_index_B: np.ndarray, sample_index_B: np.ndarray) -> np.ndarray:
+        """Per converted row: the wall-clock time its completion was recorded (NaN where unknown)."""
+        times = [self.pulled[int(g)].samples[int(i)].generated_at for g, i in zip(group_index_B, sample_index_B)]
+        return np.array([np.nan if t is None else t for t in times], dtype=np.float64)
 
     def behavior_tensors(self, group_index_B: np.ndarray, sample_index_B: np.ndarray, response_mask_BT: torch.Tensor
                          ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,10 +275,18 @@ class StalenessFilter:
         if chosen is None:
             return None
         chosen_set = set(chosen)
-        selection = Selection(tuple(kept[i] for i in chosen), current_version, dict(self.dropped))
+        selection = Selection(tuple(kept[i] for i in chosen), current_version, dict(self.dropped), self.max_staleness)
         self.waiting = [p for i, p in enumerate(kept) if i not in chosen_set]
         self.dropped = Counter()
         return selection
+
+
+def staleness_distribution(staleness: Sequence[int], max_staleness: int | None = None) -> dict[str, float]:
+    """``atropos/staleness/fraction_<k>``: the share of the batch's matched samples that lag k versions,
+    for k = 0..max_staleness (every step logs the same keys), or up to the largest seen without a bound."""
+    counts = Counter(int(s) for s in staleness)
+    top = max_staleness if max_staleness is not None else max(counts, default=0)
+    return {f"atropos/staleness/fraction_{k}": counts.get(k, 0) / len(staleness) for k in range(top + 1)}
 
 
 def _first_exact_subset(sizes: Sequence[int], target: int) -> list[int] | None:
