@@ -47,6 +47,7 @@ class RunApiPusher:
         self.env_id: int | None = None
         self.pushed_groups = 0
         self._session: aiohttp.ClientSession | None = None
+        self._registering: asyncio.Lock | None = None  # made on the loop that uses it
 
     async def close(self) -> None:
         if self._session is not None:
@@ -92,6 +93,10 @@ class RunApiPusher:
     async def push(self, payload: dict[str, Any]) -> None:
         """Queue one group (registering first when not registered)."""
         if self.env_id is None:
-            await self.register()
+            # Groups finishing together register once (twice would make run-api count two environments).
+            self._registering = self._registering or asyncio.Lock()
+            async with self._registering:
+                if self.env_id is None:
+                    await self.register()
         await self._call("/scored_data", {**payload, "env_id": self.env_id})
         self.pushed_groups += 1

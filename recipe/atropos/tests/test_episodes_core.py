@@ -173,3 +173,36 @@ def test_an_entry_with_a_wrong_field_names_it(monkeypatch):
         load_spec("arith", {"type": "plain", "grup_size": 4})
     with pytest.raises(EpisodeSpecError, match=r"type 'gym' is not an episode kind"):
         load_spec("arith", {"type": "gym"})
+
+
+def test_a_runner_registers_with_run_api_once_however_many_groups_push_at_once():
+    """The real run-api: concurrent first pushes register one environment, and each group is queued."""
+    import requests
+
+    from recipe.atropos.episodes.runapi import RunApiPusher
+    from recipe.atropos.tests.servers import start_atropos_run_api
+
+    api = start_atropos_run_api()
+    try:
+        requests.post(f"{api.url}/register", json={"wandb_group": "g", "wandb_project": "p", "batch_size": 4,
+                                                   "max_token_len": 64, "checkpoint_dir": "", "save_checkpoint_interval": 0,
+                                                   "starting_step": 0, "num_steps": 10}, timeout=30).raise_for_status()
+        requests.get(f"{api.url}/batch", timeout=30)  # the trainer has started: environments may register
+        episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
+        payload = scored_data([episode, episode], group_advantages([episode, episode]), env_name="arith")
+
+        async def push_four():
+            pusher = RunApiPusher(api.url, name="arith", group_size=2, max_token_length=64)
+            await asyncio.gather(*(pusher.push(payload) for _ in range(4)))
+            await pusher.close()
+            return pusher
+
+        pusher = asyncio.run(push_four())
+        assert pusher.env_id == 0 and pusher.pushed_groups == 4
+        # run-api knows env 0 only (a second registration would be env 1; run-api fails on an unknown id).
+        assert requests.get(f"{api.url}/status-env", json={"env_id": 0}, timeout=30).status_code == 200
+        assert requests.get(f"{api.url}/status-env", json={"env_id": 1}, timeout=30).status_code == 500
+        batch = requests.get(f"{api.url}/batch", timeout=30).json()["batch"]
+        assert len(batch) == 2 and all(g["group_overrides"]["env_name"] == "arith" for g in batch)
+    finally:
+        api.stop()
