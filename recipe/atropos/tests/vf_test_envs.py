@@ -1,0 +1,113 @@
+"""The verifiers environments the tests train on (verifiers 0.4.0, `verifiers.v1`), each a factory the
+runner loads as `recipe.atropos.tests.vf_test_envs:<name>`:
+
+- `single_turn`: a `SingleAgentEnv` over a small taskset whose task scores with `@vf.reward`: the share
+  of digits in the answer (an untrained tiny model earns some, so groups differ); `single_turn_in`, the
+  same with its agent's config fields given.
+- `multi_turn`: three policy turns, the environment's text between them (`FEEDBACK`, a user turn).
+- `own_credit`: single-turn, and the environment assigns its own per-token advantages in `finalize`
+  (`ramp`): the trainer must use exactly these.
+- `faulty`: tasks that play normally, raise in the environment, or hang (`BEHAVIOURS`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import verifiers.v1 as vf
+
+from recipe.atropos.verifiers.plugins import register
+
+__all__ = ["BEHAVIOURS", "FEEDBACK", "ramp", "single_turn", "single_turn_in", "multi_turn", "own_credit", "faulty", "digit_share"]
+
+FEEDBACK = "Now write more digits."
+BEHAVIOURS = ("ok", "raise", "ok", "hang")
+
+
+def digit_share(text: str) -> float:
+    characters = [c for c in text if not c.isspace()]
+    return sum(c.isdigit() for c in characters) / len(characters) if characters else 0.0
+
+
+def ramp(num_sampled: int) -> list[float]:
+    """The advantages `own_credit` gives the sampled tokens of an episode, in order."""
+    return [0.25 - 0.01 * j for j in range(num_sampled)]
+
+
+class DigitsData(vf.TaskData):
+    behaviour: str = "ok"
+
+
+class DigitsTask(vf.Task[DigitsData, vf.State, vf.TaskConfig]):
+    @vf.reward
+    async def digits(self, trace) -> float:
+        replies = [m.content or "" for m in trace.assistant_messages]
+        return digit_share(" ".join(replies))
+
+
+class DigitsTaskset(vf.Taskset[DigitsTask, vf.TasksetConfig]):
+    def load(self):
+        for i, behaviour in enumerate(BEHAVIOURS * 2):
+            yield DigitsTask(DigitsData(id=f"count-{i}", prompt=f"Count from {i}:", behaviour=behaviour), self.config.task)
+
+
+class MultiTurnConfig(vf.EnvConfig):
+    player: vf.AgentConfig = vf.AgentConfig()
+
+
+class MultiTurnEnv(vf.Env[MultiTurnConfig]):
+    """The policy answers, the environment answers back (FEEDBACK), three policy turns in all."""
+
+    async def run(self, task, agents):
+        async with agents.player.interaction(task) as interaction:
+            segment = await interaction.turn()
+            for _ in range(2):
+                if segment.terminated:
+                    break
+                segment = await interaction.turn(FEEDBACK)
+
+
+class OwnCreditEnv(vf.SingleAgentEnv):
+    async def finalize(self, task, episode):
+        for trace in episode.traces:
+            for node in trace.nodes:
+                sampled = sum(node.mask)
+                if sampled:
+                    node.advantages = ramp(sampled)
+
+
+class FaultyEnv(vf.SingleAgentEnv):
+    async def run(self, task, agents):
+        if task.data.behaviour == "raise":
+            raise RuntimeError(f"task {task.data.id} exploded on purpose")
+        if task.data.behaviour == "hang":
+            await asyncio.sleep(3600)
+        await super().run(task, agents)
+
+
+TASKSET_ID = register("taskset", DigitsTaskset, "verl_test_digits")
+
+
+def _config(cls: type[vf.EnvConfig] = vf.SingleAgentEnvConfig) -> vf.EnvConfig:
+    return cls(taskset={"id": TASKSET_ID})
+
+
+def single_turn() -> vf.Env:
+    return vf.SingleAgentEnv(_config())
+
+
+def single_turn_in(**agent) -> vf.Env:
+    """`single_turn` with its agent's config fields set (runtime, harness, client, ...)."""
+    return vf.SingleAgentEnv(vf.SingleAgentEnvConfig(taskset={"id": TASKSET_ID}, agent=vf.AgentConfig(**agent)))
+
+
+def multi_turn() -> vf.Env:
+    return MultiTurnEnv(_config(MultiTurnConfig))
+
+
+def own_credit() -> vf.Env:
+    return OwnCreditEnv(_config())
+
+
+def faulty() -> vf.Env:
+    return FaultyEnv(_config())
