@@ -73,8 +73,6 @@ async def run(args: RunnerArgs, spec: OpenEnvSpec, stats: EpisodeStats | None = 
         pusher = RunApiPusher(args.run_api_url, name=args.name, group_size=spec.group_size,
                               max_token_length=spec.max_token_length, weight=spec.weight,
                               min_batch_allocation=spec.min_batch_allocation, api_key=args.run_api_key)
-        # Registered once before the loop: its workers' first pushes would each register otherwise.
-        await pusher.register()
         async with TokenPolicyClient(args.policy_url, api_key=args.policy_api_key) as policy:
             player = EpisodePlayer(spec, link, policy, renderer, prompt, to_action, stats)
             try:

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import psutil
 import pytest
+import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,6 +26,9 @@ from recipe.atropos.episodes.loop import EpisodeStats
 from recipe.atropos.episodes.spec import EpisodeSpecError, load_spec
 from recipe.atropos.episodes.types import Completion
 from recipe.atropos.openenv.rendering import ChatRenderer
+from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np
+from recipe.atropos.openenv.prepare_data import rows
+from recipe.atropos.openenv.rendering import ObservationPrompt
 from recipe.atropos.openenv.runner import run
 from recipe.atropos.openenv.session import ActionRejected, OpenEnvSession
 from recipe.atropos.protocol import IGNORE_INDEX
@@ -34,7 +38,13 @@ from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from .conftest import PYTHON, REPO_ROOT, repo_env
 from .openenv_guess_actions import HIGHEST, guess_any, out_of_range, parse_guess, secret_of, step_reward
 from .openenv_servers import ARITHMETIC_APP, GUESS_APP, openenv_server, openenv_server_argv, require_openenv, start_all
-from .servers import LOOPBACK_HOST, start_atropos_run_api, start_cpu_policy_server
+from .servers import (
+    LOOPBACK_HOST,
+    ServerProcess,
+    find_free_loopback_port,
+    start_atropos_run_api,
+    start_cpu_policy_server,
+)
 
 pytestmark = [pytest.mark.slow]
 
@@ -53,10 +63,14 @@ class Stack:
         require_openenv()
         self.model_dir = tiny_assets.model_dir
         self.arithmetic, self.guess = openenv_server(ARITHMETIC_APP), openenv_server(GUESS_APP)
+        # The arithmetic environment as an evaluate-mode service (it waits for the server's /health itself).
+        port = find_free_loopback_port()
+        self.service = ServerProcess([PYTHON, "-m", "recipe.atropos.openenv.service", "serve", "--slurm", "false",
+                                      "--port", str(port), "--env.url", self.arithmetic.url], port=port)
         with ThreadPoolExecutor(3) as pool:
             api = pool.submit(start_atropos_run_api)
             policy = pool.submit(start_cpu_policy_server, self.model_dir)
-            start_all(self.arithmetic, self.guess)
+            start_all(self.arithmetic, self.guess, self.service)
             self.api, self.policy = api.result(), policy.result()
         self.gateway = PolicyGateway([self.policy.url], host=LOOPBACK_HOST, port=0).start()
         self.gateway.open(0)
@@ -75,7 +89,7 @@ class Stack:
 
     def stop(self) -> None:
         self.gateway.stop()
-        for server in (self.arithmetic, self.guess, self.policy, self.api):
+        for server in (self.service, self.arithmetic, self.guess, self.policy, self.api):
             server.stop()
 
 
@@ -168,13 +182,17 @@ def check_guess_group(group: dict, tokenizer, gateway: PolicyGateway, parse) -> 
         assert got == pytest.approx(want.tolist(), abs=1e-5)
 
 
+def arithmetic_answer(question: str) -> int:
+    a, verb, b = re.search(r"has (\d+) \w+ and (gets|gives away) (\d+)", question).groups()
+    return int(a) + int(b) if verb == "gets" else int(a) - int(b)
+
+
 def check_arithmetic_group(group: dict, tokenizer) -> None:
     for tokens, mask, score, advantages in zip(group["tokens"], group["masks"], group["scores"], group["advantages"]):
         (start, end), = sampled_runs(mask)  # one step
         assert advantages[:start] == [0.0] * start and len(set(advantages[start:])) == 1
         question = re.search(r"user\n(.*)<\|im_end\|>", tokenizer.decode(tokens[:start])).group(1)
-        a, verb, b = re.search(r"has (\d+) \w+ and (gets|gives away) (\d+)", question).groups()
-        answer = int(a) + int(b) if verb == "gets" else int(a) - int(b)
+        answer = arithmetic_answer(question)
         text = tokenizer.decode(tokens[start:end], skip_special_tokens=True)
         found = re.findall(r"####\s*(-?\d+)", text)
         assert score == (1.0 if found and int(found[-1]) == answer else 0.0)
@@ -294,6 +312,26 @@ def test_an_entry_the_driver_cannot_play_stops_it_with_the_fix(stack):
                             cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "trainer.atropos.environments.guess" in result.stderr and "exactly one of url" in result.stderr
+
+
+def test_a_single_step_environment_judges_verls_answers_in_evaluate_mode(stack):
+    """Evaluate mode: verl's dataset rows come from the server's resets (prepare_data), and the adapter
+    service scores each response by one step of the episode its ground truth resets."""
+    table = asyncio.run(rows(stack.arithmetic.url, [0, 1, 2], "train", "openenv/arithmetic", ObservationPrompt()))
+    prompts = [row["prompt"][0]["content"] for row in table]
+    assert [json.loads(row["reward_model"]["ground_truth"]) for row in table] == [{"seed": s} for s in (0, 1, 2)]
+    responses = [text for p in prompts for text in (f"So #### {arithmetic_answer(p)}", f"#### {arithmetic_answer(p) + 1}", "")]
+    body = {"prompts": [p for p in prompts for _ in range(3)], "responses": responses,
+            "ground_truths": [row["reward_model"]["ground_truth"] for row in table for _ in range(3)]}
+    answer = requests.post(f"{stack.service.url}/evaluate_and_compute_advantages", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text
+    scores = [1.0, 0.0, 0.0] * 3
+    assert answer.json()["scores"] == scores
+    expected = compute_grpo_outcome_advantages_np(scores, [0, 0, 0, 1, 1, 1, 2, 2, 2])
+    assert answer.json()["advantages"] == pytest.approx(expected.tolist(), abs=1e-6)
+    refused = requests.post(f"{stack.service.url}/evaluate_and_compute_advantages",
+                            json={**body, "ground_truths": ["twelve"] * 9}, timeout=60)
+    assert refused.status_code == 422 and "ground_truths[0]" in refused.text
 
 
 _TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30)
