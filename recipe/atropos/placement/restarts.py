@@ -6,7 +6,8 @@ every request failing until the run's batch timeout. `RolloutRestarts` finds a d
 asking each server actor for `__ray_ready__` (a Ray actor that died answers RayActorError at once;
 one that is busy is left alone) and starts it again through its replica's own `launch_servers`
 (verl's `RolloutReplica`: for the `hf` rollout, a new `HFRolloutServer` beside the replica's
-`CheckpointEngineWorker`, under the same Ray name, where the worker's adapter finds it). The new
+`CheckpointEngineWorker`, under the same Ray name, where the worker's adapter finds it: the dead
+actor is `ray.kill`ed first, without which Ray keeps its name taken). The new
 server replaces the old one in the policy gateway and in verl's load balancer (the agent loop that
 validation uses). It holds the model's initial weights: the caller (placement/weight_sync.py) syncs
 the current ones before the gateway opens again.
@@ -55,6 +56,8 @@ class RolloutRestarts:
         """Start each replica's server again; the gateway and verl's load balancer use the new one."""
         for replica in replicas:
             old_address = replica.server_address
+            for server in replica.servers:
+                ray.kill(server)  # Ray keeps a dead actor's name taken until it is killed
             await _launch(replica)
             new_address = replica.server_address
             self._replace(old_address, new_address, replica.server_handle)
@@ -75,6 +78,5 @@ class RolloutRestarts:
 
 @retry(retry=retry_if_exception_type(ValueError), wait=wait_fixed(0.5), stop=stop_after_delay(30), reraise=True)
 async def _launch(replica: Any) -> None:
-    """`launch_servers` again; Ray frees a dead actor's name a moment after its death (ValueError
-    "already taken" until then)."""
+    """`launch_servers` again (ActorAlreadyExistsError, a ValueError, while Ray still holds the name)."""
     await replica.launch_servers()
