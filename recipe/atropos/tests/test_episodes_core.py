@@ -206,3 +206,22 @@ def test_a_runner_registers_with_run_api_once_however_many_groups_push_at_once()
         assert len(batch) == 2 and all(g["group_overrides"]["env_name"] == "arith" for g in batch)
     finally:
         api.stop()
+
+
+def test_the_trainer_sums_a_runners_counters_and_averages_its_means_per_entry():
+    import json
+
+    from recipe.atropos.trajectory.metrics import episode_metrics
+
+    first = {"episodes": 4, "failures": 1, "failures/timeout": 1, "parse_failures": 2, "turns_mean": 3.0,
+             "tokens_mean": 10.0, "group_reward_mean": 0.5}
+    second = {"episodes": 4, "parse_failures": 1, "turns_mean": 1.0, "tokens_mean": 20.0, "group_reward_mean": -0.5}
+    rows = ["guess", "guess", "guess", "guess", 0, 0]
+    stats = [json.dumps(first), "", json.dumps(second), "", "", ""]
+    metrics = episode_metrics(rows, stats)
+    assert metrics == {
+        "atropos/env/guess/episodes": 8.0, "atropos/env/guess/failures": 1.0, "atropos/env/guess/failures/timeout": 1.0,
+        "atropos/env/guess/dropped_groups": 0.0, "atropos/env/guess/parse_failures": 3.0,
+        "atropos/env/guess/turns_per_episode": 2.0, "atropos/env/guess/tokens_per_episode": 15.0,
+        "atropos/env/guess/reward": 0.0,
+    }

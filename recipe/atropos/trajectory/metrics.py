@@ -81,36 +81,45 @@ def env_label(env_id: Any, names: Mapping[int, str] | None = None) -> str:
     return "unknown"
 
 
-# An episode runner's counters (recipe/atropos/episodes/loop.py EpisodeStats.take), summed per step;
-# the rest of its statistics are averaged over its groups.
-_SUMMED_EPISODE_STATS = ("episodes", "failures", "dropped_groups")
+# An episode runner's statistics (recipe/atropos/episodes/loop.py EpisodeStats.take): these are
+# per-group means, averaged over the step's groups; every other number is a counter since the
+# runner's previous group (episodes, failures, failures/<kind>, dropped_groups, and a kind's own, e.g.
+# OpenEnv's parse_failures), summed over the step.
+_AVERAGED_EPISODE_STATS = {"turns_mean": "turns_per_episode", "tokens_mean": "tokens_per_episode",
+                           "group_reward_mean": "reward"}
+_ALWAYS_REPORTED = ("episodes", "failures", "dropped_groups")
 
 
 def episode_metrics(env_id_B: Sequence[Any], stats_json_B: Sequence[str]) -> dict[str, float]:
     """``atropos/env/<name>/...`` from the episode runners' statistics that came with this step's groups
-    (one JSON object on each group's first row): ``episodes``, ``failures``, ``failures/<kind>`` and
-    ``dropped_groups`` played since the runner's previous group, summed; ``turns_per_episode``,
-    ``tokens_per_episode`` (sampled tokens) and ``reward`` (the group's mean), averaged over groups."""
+    (one JSON object on each group's first row): the counters summed (``episodes``, ``failures``,
+    ``failures/<kind>``, ``dropped_groups`` and the kind's own), ``turns_per_episode``,
+    ``tokens_per_episode`` (sampled tokens) and ``reward`` (the group's mean) averaged over groups."""
     summed: dict[str, dict[str, float]] = {}
     averaged: dict[str, dict[str, list[float]]] = {}
     for env_id, text in zip(env_id_B, stats_json_B):
         if not text:
             continue
         label = env_label(env_id)
-        stats = json.loads(text)
-        into = summed.setdefault(label, dict.fromkeys(_SUMMED_EPISODE_STATS, 0.0))
-        for key, value in stats.items():
-            if key in _SUMMED_EPISODE_STATS or key.startswith("failures/"):
+        into = summed.setdefault(label, dict.fromkeys(_ALWAYS_REPORTED, 0.0))
+        means = averaged.setdefault(label, {name: [] for name in _AVERAGED_EPISODE_STATS.values()})
+        for key, value in json.loads(text).items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                continue
+            if key in _AVERAGED_EPISODE_STATS:
+                means[_AVERAGED_EPISODE_STATS[key]].append(float(value))
+            else:
                 into[key] = into.get(key, 0.0) + float(value)
-        means = averaged.setdefault(label, {"turns_per_episode": [], "tokens_per_episode": [], "reward": []})
-        for key, name in (("turns_mean", "turns_per_episode"), ("tokens_mean", "tokens_per_episode"),
-                          ("group_reward_mean", "reward")):
-            if key in stats:
-                means[name].append(float(stats[key]))
-    metrics = {f"{ENV_METRIC_PREFIX}{label}/{key}": value for label, values in summed.items() for key, value in values.items()}
+    metrics = {f"{ENV_METRIC_PREFIX}{label}/{_metric_path(key)}": value
+               for label, values in summed.items() for key, value in values.items()}
     metrics.update({f"{ENV_METRIC_PREFIX}{label}/{key}": float(np.mean(v)) for label, values in averaged.items()
                     for key, v in values.items() if v})
     return metrics
+
+
+def _metric_path(key: str) -> str:
+    # A counter's key may have one level (failures/<kind>); each part is made metric-safe.
+    return "/".join(_metric_safe(part) for part in str(key).split("/"))
 
 
 def environment_metrics(
