@@ -43,9 +43,11 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     def __init__(self, *args, config, **kwargs):
         self.atropos_config = AtroposTrainerConfig.from_config(config.trainer.get("atropos"))
-        if self.atropos_config.mode == "evaluate" and kwargs.get("train_dataset") is not None:
+        # `trainer.atropos.environments`, parsed once: the sampler and the evaluate mode's feedback share it.
+        evaluate = self.atropos_config.mode == "evaluate"
+        specs = parse_environment_specs(self.atropos_config.environments) if evaluate else None
+        if specs and kwargs.get("train_dataset") is not None:
             # Weighted environments: rows are drawn by weight, through verl's own `train_sampler`.
-            specs = parse_environment_specs(self.atropos_config.environments)
             sampler = weighted_train_sampler(specs, kwargs["train_dataset"], config.data.get("seed"))
             if sampler is not None:
                 kwargs["train_sampler"] = sampler
@@ -60,7 +62,7 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
         if self.atropos_config.mode == "trajectory":
             self.atropos_mode = TrajectoryMode(self.atropos_config, self.grpo_computer)
         else:
-            self.atropos_mode = EvaluateMode(self.atropos_config, self.tokenizer, self.grpo_computer)
+            self.atropos_mode = EvaluateMode(self.atropos_config, self.tokenizer, self.grpo_computer, specs)
 
     def init_workers(self):
         self.atropos_mode.before_workers(self)

@@ -13,11 +13,13 @@ The trainer (grpo_atropos_trainer.py) calls the same methods on either mode's ob
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from verl import DataProto
 
 from recipe.atropos.config import AtroposTrainerConfig
+from recipe.atropos.evaluate.environments import EnvironmentSpec
 from recipe.atropos.evaluate.feedback import EnvironmentFeedback
 from recipe.atropos.evaluate.mixing import dataset_data_sources
 from recipe.atropos.evaluate.multi import MultiEnvironmentFeedback
@@ -25,9 +27,14 @@ from recipe.atropos.grpo_computer import AtroposGRPOComputer
 
 
 class EvaluateMode:
-    def __init__(self, atropos_config: AtroposTrainerConfig, tokenizer: Any, grpo_computer: AtroposGRPOComputer):
-        if atropos_config.environments:
-            self.feedback = MultiEnvironmentFeedback(atropos_config, tokenizer, grpo_computer)
+    def __init__(
+        self, atropos_config: AtroposTrainerConfig, tokenizer: Any, grpo_computer: AtroposGRPOComputer,
+        specs: Mapping[str, EnvironmentSpec] | None,
+    ):
+        """``specs``: ``trainer.atropos.environments`` as the trainer parsed it (None: the single service
+        at ``api_url``)."""
+        if specs:
+            self.feedback = MultiEnvironmentFeedback(atropos_config, tokenizer, grpo_computer, specs)
         else:
             self.feedback = EnvironmentFeedback(atropos_config, tokenizer, grpo_computer)
 

@@ -35,7 +35,6 @@ from recipe.atropos.errors import AtroposAPIError
 from recipe.atropos.evaluate.environments import (
     EnvironmentSpec,
     UnknownDataSourceError,
-    parse_environment_specs,
     resolve_api_keys,
     route_data_sources,
 )
@@ -92,9 +91,10 @@ class MultiEnvironmentFeedback:
         config: AtroposTrainerConfig,
         tokenizer,
         computer: AtroposGRPOComputer,
+        specs: Mapping[str, EnvironmentSpec],
         environ: Optional[Mapping[str, str]] = None,
     ):
-        specs = parse_environment_specs(config.environments)
+        """``specs``: ``config.environments`` as parsed (evaluate/environments.py), once, by the trainer."""
         if not specs:
             raise ValueError("MultiEnvironmentFeedback needs trainer.atropos.environments; got none")
         self.config = config

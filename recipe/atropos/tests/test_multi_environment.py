@@ -121,7 +121,8 @@ def make_feedback(envs: dict, **overrides) -> MultiEnvironmentFeedback:
     # retry it, and the service would count both.
     config = AtroposTrainerConfig.from_config({"environments": envs, "retry_attempts": 2, "retry_delay": 0.01,
                                                "max_wait_time": 30.0, "timeout": 15.0, **overrides})
-    return MultiEnvironmentFeedback(config, None, AtroposGRPOComputer(allow_fallback=config.fallback_to_grpo))
+    specs = parse_environment_specs(config.environments)  # as the trainer parses it, once
+    return MultiEnvironmentFeedback(config, None, AtroposGRPOComputer(allow_fallback=config.fallback_to_grpo), specs)
 
 
 def samples_scored(service: ServerProcess) -> int:
@@ -221,7 +222,7 @@ def test_a_data_source_without_environment_is_a_clear_error(gsm8k_service, token
     with pytest.raises(UnknownDataSourceError, match=rf"\['{RG}'\] belongs to no environment .*'gsm8k': \['{GSM8K}'\].*add each"):
         feedback.submit(batch, step=1)
     # At start, from the training data, before any worker: EvaluateMode.before_workers.
-    mode = EvaluateMode(feedback.config, tokenizer, feedback.computer)
+    mode = EvaluateMode(feedback.config, tokenizer, feedback.computer, feedback.specs)
     trainer = SimpleNamespace(train_dataset=SimpleNamespace(dataframe=datasets.Dataset.from_dict({"data_source": [GSM8K, "other/x"]})))
     with pytest.raises(UnknownDataSourceError, match=r"\['other/x'\] belongs to no environment"):
         mode.before_workers(trainer)
@@ -258,8 +259,9 @@ def test_each_environment_key_comes_from_its_variable(gsm8k_service):
     envs["rg"]["api_key_env"] = "RG_KEY"
     config = AtroposTrainerConfig.from_config({"environments": envs}, environ={"ATROPOS_API_KEY": "shared"})
     with pytest.raises(ValueError, match=r"environments.rg.api_key_env: the environment variable RG_KEY is not set.*export RG_KEY"):
-        MultiEnvironmentFeedback(config, None, AtroposGRPOComputer(), environ={})
-    feedback = MultiEnvironmentFeedback(config, None, AtroposGRPOComputer(), environ={"RG_KEY": "rg-secret"})
+        MultiEnvironmentFeedback(config, None, AtroposGRPOComputer(), parse_environment_specs(envs), environ={})
+    feedback = MultiEnvironmentFeedback(config, None, AtroposGRPOComputer(), parse_environment_specs(envs),
+                                        environ={"RG_KEY": "rg-secret"})
     assert feedback.specs["rg"].api_key == "rg-secret" and feedback.specs["gsm8k"].api_key == "shared"
     assert feedback.lanes["rg"].client._session.headers["Authorization"] == "Bearer rg-secret"
     feedback.close()
