@@ -13,7 +13,8 @@ once by `trainer.atropos.mode`, with the same methods in either mode:
 Hooks: `init_workers` (`before_workers`, `after_workers`), `_compute_old_log_prob`
 (`before_old_log_prob`, `after_old_log_prob`), `_update_actor` (`before_update`, whose `atropos/...` metrics join the
 actor's, which verl logs through its Tracking), `_log_rollout_data` (`rollout_dump`), and the end
-of `fit()` (`close`). Run it with `trainer_cls=recipe.atropos.grpo_atropos_trainer.RayGRPOAtroposTrainer`
+of `fit()` (`close`). `fit()` and `_load_checkpoint` also keep verl's metrics file whole across a
+resume (metrics_file.py). Run it with `trainer_cls=recipe.atropos.grpo_atropos_trainer.RayGRPOAtroposTrainer`
 (set by the recipe's configs).
 """
 
@@ -27,6 +28,7 @@ from recipe.atropos.evaluate.environments import parse_environment_specs
 from recipe.atropos.evaluate.mixing import weighted_train_sampler
 from recipe.atropos.evaluate.mode import EvaluateMode
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
+from recipe.atropos.metrics_file import file_logger_keeping_history, keep_steps_up_to, metrics_path
 from recipe.atropos.trajectory.mode import TrajectoryMode
 from recipe.atropos.trajectory.rollout import GENERATED_AT
 
@@ -71,9 +73,19 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
 
     def fit(self):
         try:
-            return super().fit()
+            with file_logger_keeping_history():  # a resumed run's metrics file keeps its history
+                return super().fit()
         finally:
             self.atropos_mode.close()
+
+    def _load_checkpoint(self):
+        """verl's (``trainer.resume_mode``), then the metrics file keeps the steps up to the one
+        resumed from (metrics_file.py)."""
+        loaded = super()._load_checkpoint()
+        path = metrics_path(self.config.trainer.get("logger"))
+        if path is not None:
+            keep_steps_up_to(path, self.global_steps)
+        return loaded
 
     def _compute_old_log_prob(self, batch: DataProto):
         self.atropos_mode.before_old_log_prob(batch, step=self.global_steps)

@@ -12,7 +12,8 @@ train on different ids: such a sample is not found (the trainer counts it). Memo
 keeping the completions of the last `keep_versions` weights versions only; of the
 `keep_evicted_versions` versions before them only a 64-bit hash per completion is kept (8 bytes),
 so that a sample older than the window is known as such (`evicted_version`), not mistaken for one
-the gateway never generated.
+the gateway never generated. With a journal (behavior_journal.py, beside verl's checkpoints) the
+same holds for completions recorded before the trainer restarted from a checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
+
+from recipe.atropos.trajectory.behavior_journal import BehaviorJournal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,9 @@ class BehaviorRecords:
         self._by_version: OrderedDict[int | None, dict[bytes, BehaviorRecord]] = OrderedDict()
         # Versions evicted from the window: their completions' sorted 64-bit key hashes.
         self._evicted_hashes: OrderedDict[int | None, np.ndarray] = OrderedDict()
+        # Completions recorded before a restart (read from the journal): version -> sorted key hashes.
+        self._restored_hashes: dict[int, np.ndarray] = {}
+        self.journal: BehaviorJournal | None = None
         self._lock = threading.Lock()
         self.recorded = 0  # completions recorded since start
         self.evicted = 0  # records dropped with their version
@@ -73,10 +79,21 @@ class BehaviorRecords:
                 self.collisions += 1
             records[key] = record
             self.recorded += 1
+            if self.journal is not None and self.journal.started:
+                self.journal.append(version, _hash64(key))
+
+    def use_journal(self, journal: BehaviorJournal) -> None:
+        """Journal every completion; the first `new_version` starts it (a resume reads it back)."""
+        with self._lock:
+            self.journal = journal
 
     def new_version(self, version: int | None) -> None:
         """The servers now hold `version`'s weights: versions older than the window are dropped."""
         with self._lock:
+            if self.journal is not None:
+                if not self.journal.started:
+                    self._restored_hashes = self.journal.start(version)
+                self.journal.new_version(version)
             self._by_version.setdefault(version, {})
             self._evict()
 
@@ -102,10 +119,12 @@ class BehaviorRecords:
 
     def evicted_version(self, token_ids: Sequence[int] | np.ndarray) -> int | None:
         """The version of a completion with exactly these tokens that has left the window (the
-        newest such version), or None: not generated, or evicted too long ago to say."""
+        newest such version) or was recorded before the trainer restarted, or None: not generated,
+        or evicted too long ago to say."""
         wanted = np.uint64(_hash64(token_key(token_ids)))
         with self._lock:
-            for version, hashes in reversed(self._evicted_hashes.items()):
+            known = [*reversed(self._evicted_hashes.items()), *sorted(self._restored_hashes.items(), reverse=True)]
+            for version, hashes in known:
                 i = int(np.searchsorted(hashes, wanted))
                 if i < len(hashes) and hashes[i] == wanted:
                     return version
@@ -116,9 +135,10 @@ class BehaviorRecords:
         with self._lock:
             held = sum(len(r) for r in self._by_version.values())
             nbytes = sum(len(k) + v.logprobs_T.nbytes for r in self._by_version.values() for k, v in r.items())
-            nbytes += sum(h.nbytes for h in self._evicted_hashes.values())
+            nbytes += sum(h.nbytes for h in (*self._evicted_hashes.values(), *self._restored_hashes.values()))
             return {"records": held, "versions": len(self._by_version), "bytes": nbytes, "recorded": self.recorded,
-                    "evicted": self.evicted, "collisions": self.collisions}
+                    "evicted": self.evicted, "collisions": self.collisions,
+                    "restored": sum(len(h) for h in self._restored_hashes.values())}
 
 
 def _hash64(key: bytes) -> int:

@@ -31,6 +31,7 @@ from verl import DataProto
 
 from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
+from recipe.atropos.trajectory.behavior_journal import BehaviorJournal
 from recipe.atropos.trajectory.gateway import PolicyGateway, check_port_free
 from recipe.atropos.trajectory.metrics import environment_metrics, episode_metrics
 from recipe.atropos.trajectory import weight_sync
@@ -82,6 +83,10 @@ class TrajectoryMode:
             keep_versions=cfg.max_staleness + 2,
         ).start()
         trainer.checkpoint_manager.gateway = gateway
+        # A trainer restarted from a checkpoint knows what the gateway generated before (behavior_journal.py).
+        journal = BehaviorJournal.for_run(trainer.config.trainer, gateway.records)
+        if journal is not None:
+            gateway.records.use_journal(journal)
         return gateway
 
     def _rollout_manager(self, trainer: Any) -> TrajectoryRolloutManager:
@@ -161,6 +166,8 @@ class TrajectoryMode:
     def close(self) -> None:
         if self.gateway is not None:
             self.gateway.stop()
+            if self.gateway.records.journal is not None:
+                self.gateway.records.journal.close()
 
 
 class RegisteredEnvNames:
