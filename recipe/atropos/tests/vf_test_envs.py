@@ -7,12 +7,14 @@ runner loads as `recipe.atropos.tests.vf_test_envs:<name>`:
 - `multi_turn`: three policy turns, the environment's text between them (`FEEDBACK`, a user turn).
 - `own_credit`: single-turn, and the environment assigns its own per-token advantages in `finalize`
   (`ramp`): the trainer must use exactly these.
+- `single_turn` and `own_credit` take `record_to`: a JSON-lines file each finished episode is appended to.
 - `faulty`: tasks that play normally, raise in the environment, or hang (`BEHAVIOURS`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 
 import verifiers.v1 as vf
 
@@ -67,13 +69,37 @@ class MultiTurnEnv(vf.Env[MultiTurnConfig]):
                 segment = await interaction.turn(FEEDBACK)
 
 
-class OwnCreditEnv(vf.SingleAgentEnv):
+class RecordingEnv(vf.SingleAgentEnv):
+    """A single-turn environment that appends each finished episode to `record_to` (JSON lines: the
+    sampled token ids, the reward, the advantages of the sampled tokens or null), for the end-to-end
+    test to compare with what the trainer trained on."""
+
+    record_to: str | None = None
+
+    def record(self, episode) -> None:
+        if self.record_to is None:
+            return
+        with open(self.record_to, "a") as out:
+            for trace in episode.traces:
+                for branch in trace.branches:
+                    mask, advantages = branch.sampled_mask, branch.advantages
+                    out.write(json.dumps({
+                        "sampled": [t for t, m in zip(branch.token_ids, mask) if m], "reward": trace.reward,
+                        "advantages": None if advantages is None else [a for a, m in zip(advantages, mask) if m],
+                    }) + "\n")
+
+    async def finalize(self, task, episode):
+        self.record(episode)
+
+
+class OwnCreditEnv(RecordingEnv):
     async def finalize(self, task, episode):
         for trace in episode.traces:
             for node in trace.nodes:
                 sampled = sum(node.mask)
                 if sampled:
                     node.advantages = ramp(sampled)
+        self.record(episode)
 
 
 class FaultyEnv(vf.SingleAgentEnv):
@@ -92,8 +118,14 @@ def _config(cls: type[vf.EnvConfig] = vf.SingleAgentEnvConfig) -> vf.EnvConfig:
     return cls(taskset={"id": TASKSET_ID})
 
 
-def single_turn() -> vf.Env:
-    return vf.SingleAgentEnv(_config())
+def _recording(cls: type[RecordingEnv], record_to: str | None) -> vf.Env:
+    env = cls(_config())
+    env.record_to = record_to
+    return env
+
+
+def single_turn(record_to: str | None = None) -> vf.Env:
+    return _recording(RecordingEnv, record_to)
 
 
 def single_turn_in(**agent) -> vf.Env:
@@ -105,8 +137,8 @@ def multi_turn() -> vf.Env:
     return MultiTurnEnv(_config(MultiTurnConfig))
 
 
-def own_credit() -> vf.Env:
-    return OwnCreditEnv(_config())
+def own_credit(record_to: str | None = None) -> vf.Env:
+    return _recording(OwnCreditEnv, record_to)
 
 
 def faulty() -> vf.Env:

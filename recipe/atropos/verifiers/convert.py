@@ -16,7 +16,8 @@ assigned it). One trainable branch of one trainable trace is one training sample
 A group holds `group_size` samples, so an episode must give exactly one; one with several trainable
 branches (two trainable agents, a compaction) is refused, naming the fix. An episode that failed
 (verifiers records errors on the episode and its traces instead of raising) or left nothing sampled
-raises `EpisodeFailed`, which the core counts by kind.
+raises `EpisodeFailed`, which the core counts by kind: `timeout` (a verifiers deadline), `server` (a
+policy call got no answer or a 5xx), `no_trace`, `error` (the rest: the environment's own code).
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ def _error_text(errors: list[Any]) -> str:
     return f"{last.type}: {last.message}"
 
 
+def _kind(error: Any) -> str:
+    """`server` for a policy call that failed on the way (no answer, or a 5xx: the gateway or the
+    inference server), `error` for the rest (the environment's own code, a 4xx)."""
+    status = getattr(error, "status_code", None)
+    return "server" if error.type == "ProviderError" and (status is None or status >= 500) else "error"
+
+
 def _failure(vf_episode: Any) -> EpisodeFailed | None:
     """Why a finished verifiers episode cannot train, or None when it can."""
     traces = list(vf_episode.traces)
@@ -43,8 +51,9 @@ def _failure(vf_episode: Any) -> EpisodeFailed | None:
         return EpisodeFailed("error", _error_text(vf_episode.errors))
     for trace in traces:
         if not trace.ok:
-            message = _error_text(trace.errors) if trace.errors else "the trace did not complete"
-            return EpisodeFailed("error", f"agent {trace.agent.name!r}: {message}")
+            if not trace.errors:
+                return EpisodeFailed("error", f"agent {trace.agent.name!r}: the trace did not complete")
+            return EpisodeFailed(_kind(trace.errors[-1]), f"agent {trace.agent.name!r}: {_error_text(trace.errors)}")
     if not vf_episode.ok:
         return EpisodeFailed("error", "verifiers marked the episode not ok without an error")
     return None

@@ -114,6 +114,20 @@ def localized(where: str, config: vf.EnvConfig) -> vf.EnvConfig:
     return config.model_copy(update=agents)
 
 
+def _rebuilt(where: str, env: vf.Env, config: vf.EnvConfig) -> vf.Env:
+    """`env` built again from `config` (an Env derives its agents and harnesses from its config when
+    built), keeping the attributes its factory set after building it."""
+    try:
+        rebuilt = type(env)(config)
+    except TypeError as exc:
+        raise EpisodeSpecError(
+            f"{where}.env: {type(env).__name__}(config) cannot be built again with local runtimes ({exc}); fix: "
+            "give its agents `runtime=vf.SubprocessConfig()` and an in-process harness in the factory") from exc
+    for key, value in vars(env).items():
+        vars(rebuilt).setdefault(key, value)
+    return rebuilt
+
+
 def load_env(name: str, spec: VerifiersEnvSpec) -> vf.Env:
     """The entry's environment, localized (see the module's docstring)."""
     where = f"{KEY}.{name}"
@@ -121,7 +135,7 @@ def load_env(name: str, spec: VerifiersEnvSpec) -> vf.Env:
         env = _from_callable(where, spec.env, dict(spec.env_args))
         config = localized(where, env.config)
         if config != env.config:
-            env = type(env)(config)
+            env = _rebuilt(where, env, config)
     else:
         env = vf.load_environment(localized(where, _from_id(where, spec.env, dict(spec.env_args))))
     for role, agent in agent_config_fields(env.config).items():

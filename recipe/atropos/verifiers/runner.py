@@ -36,6 +36,7 @@ from recipe.atropos.episodes.cli import POLICY_API_KEY_ENV, RunnerArgs
 from recipe.atropos.episodes.loop import EpisodeStats, run_episode_groups
 from recipe.atropos.episodes.runapi import RunApiPusher
 from recipe.atropos.episodes.spec import KEY, EpisodeSpecError
+from recipe.atropos.episodes.types import EpisodeFailed
 from recipe.atropos.verifiers.convert import to_episode
 from recipe.atropos.verifiers.loading import load_env
 from recipe.atropos.verifiers.rendering import BRIDGE_RENDERER
@@ -159,7 +160,12 @@ async def run(args: RunnerArgs, spec: VerifiersEnvSpec, stats: EpisodeStats | No
     await wait_for_gateway(args.policy_url)
 
     async def play(task: VfTask, attempt: int):
-        return to_episode(await env.run_slot(RunSlot(task.task), ctx), task.task_id)
+        try:
+            return to_episode(await env.run_slot(RunSlot(task.task), ctx), task.task_id)
+        except EpisodeFailed as exc:
+            if exc.kind == "server":  # the gateway is down (the trainer restarts or ends): wait, don't spin
+                await wait_for_gateway(args.policy_url)
+            raise
 
     pusher = RunApiPusher(args.run_api_url, name=args.name, group_size=spec.group_size,
                           max_token_length=spec.max_token_length, weight=spec.weight,
