@@ -73,6 +73,10 @@ async def run(args: RunnerArgs, spec: OpenEnvSpec, stats: EpisodeStats | None = 
         pusher = RunApiPusher(args.run_api_url, name=args.name, group_size=spec.group_size,
                               max_token_length=spec.max_token_length, weight=spec.weight,
                               min_batch_allocation=spec.min_batch_allocation, api_key=args.run_api_key)
+        # Registered before the first episode (run-api answers once the trainer asked for a batch): nothing
+        # is generated for a trainer that is not there yet, and run-api reserves this entry's
+        # min_batch_allocation from the first batch on, not from its first group.
+        await pusher.register()
         async with TokenPolicyClient(args.policy_url, api_key=args.policy_api_key) as policy:
             player = EpisodePlayer(spec, link, policy, renderer, prompt, to_action, stats)
             try:

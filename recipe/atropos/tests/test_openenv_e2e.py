@@ -1,0 +1,149 @@
+"""OpenEnv environments through verl's real trainer, mixed with an Atropos environment in one run: the
+multi-turn guess game and the single-step arithmetic environment (real OpenEnv servers from
+.venv-openenv, each played by its driver process: `python -m recipe.atropos.openenv`, one started by
+its `command`), and the repo's atroposlib ramp environment, all generating through the trainer's policy
+gateway and pushing to run-api. What the trainer trained on, token by token, is what was played, with
+the guess game's per-turn advantages computed here by hand (GRPO process supervision)."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from recipe.atropos.demo.run_report import read_jsonl, read_steps
+from recipe.atropos.environments.advantages import compute_grpo_outcome_advantages_np
+
+from .conftest import PYTHON, repo_env
+from .e2e_harness import (
+    Launched,
+    cpu_trainer_env,
+    start_atropos_env,
+    tiny_batch,
+    trainer_argv,
+    wait_for_trajectory_trainer,
+)
+from .openenv_guess_actions import guess_any, secret_of, step_reward
+from .openenv_servers import ARITHMETIC_APP, GUESS_APP, openenv_server, openenv_server_argv, require_openenv
+from .ramp_advantage_env import ramp
+from .servers import find_free_loopback_port, start_atropos_run_api
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+GROUP, MAX_TOKENS, TURNS, STEPS = 4, 8, 3, 3
+# Each step's batch: one group of each of the three environments (run-api serves each its min_batch_allocation).
+SHARE = 0.3
+
+
+def _driver(name: str, entry: dict, api_url: str, policy_port: int, model_dir, tmp_path) -> Launched:
+    entry = {"type": "openenv", "group_size": GROUP, "concurrency": GROUP, "min_batch_allocation": SHARE, **entry}
+    return Launched([PYTHON, "-m", "recipe.atropos.openenv", "--name", name, "--spec-json", json.dumps(entry),
+                     "--policy-url", f"http://127.0.0.1:{policy_port}/v1", "--run-api", api_url,
+                     "--tokenizer", str(model_dir)], tmp_path / f"{name}.log", env=repo_env())
+
+
+def _turns(trained: list[int], eos: int) -> list[list[int]]:
+    """A sample's trained tokens, split into its turns: each ends with the stop token or at MAX_TOKENS."""
+    turns, current = [], []
+    for token in trained:
+        current.append(token)
+        if token == eos or len(current) == MAX_TOKENS:
+            turns.append(current)
+            current = []
+    return turns + ([current] if current else [])
+
+
+def check_guess_group(samples: list[dict], tokenizer) -> None:
+    """The game's rewards recomputed from each turn's text, credited by GRPO process supervision over
+    the group (the formula of test_openenv_driver.process_advantages), against what the trainer used."""
+    rewards, ends = [], []
+    for sample in samples:
+        secret = secret_of(int(sample["input"].split("Game ", 1)[1].split(":", 1)[0]))
+        turns = _turns(sample["trained_token_ids"], tokenizer.eos_token_id)
+        assert 1 <= len(turns) <= TURNS
+        guesses = [guess_any(tokenizer.decode(t, skip_special_tokens=True), {})["guess"] for t in turns]
+        assert secret not in guesses[:-1]  # a right guess ends the episode
+        rewards.append([step_reward(g, secret) for g in guesses])
+        ends.append(list(np.cumsum([len(t) for t in turns]) - 1))
+    flat = np.array([r for rs in rewards for r in rs])
+    mean, std = flat.mean(), flat.std(ddof=1)
+    for sample, sample_rewards, sample_ends in zip(samples, rewards, ends):
+        expected_T = np.zeros(len(sample["trained_token_ids"]))
+        for reward, end in zip(sample_rewards, sample_ends):
+            expected_T[: end + 1] += (reward - mean) / (std + 1e-6)
+        assert sample["advantages"] == pytest.approx(expected_T.tolist(), abs=1e-4)
+        assert sample["score"] == pytest.approx(sum(sample_rewards), abs=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_openenv_and_atropos_environments_train_together_on_what_was_played(tiny_assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    require_openenv()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets.model_dir)
+    guess_server = openenv_server(GUESS_APP)
+    with ThreadPoolExecutor(2) as pool:
+        api_future = pool.submit(start_atropos_run_api)
+        guess_future = pool.submit(guess_server.start, 180)
+    api = api_future.result()
+    policy_port, metrics, dump = find_free_loopback_port(), tmp_path / "metrics.jsonl", tmp_path / "rollouts"
+    argv = trainer_argv("gsm8k_grpo_cpu", "trainer.atropos.mode=trajectory", f"trainer.atropos.trajectory_api_url={api.url}",
+                        "trainer.atropos.batch_timeout_s=300", f"trainer.atropos.policy_gateway_port={policy_port}",
+                        "actor_rollout_ref.rollout.engine_kwargs.hf.port=0", f"trainer.rollout_data_dir={dump}",
+                        "actor_rollout_ref.rollout.engine_kwargs.hf.served_model_name=tiny",
+                        "data.max_response_length=96", f"trainer.total_training_steps={STEPS}", *tiny_batch(3, GROUP))
+    others = []
+    try:
+        with Launched(argv, tmp_path / "trainer.log", env=cpu_trainer_env(tiny_assets, metrics)) as trainer:
+            guess_future.result()
+            # Every runner starts while the trainer boots and registers with run-api at its first batch
+            # request, long before any group is played: run-api then holds each to its share from the
+            # first batch on (drivers register first; atroposlib environments register at start).
+            others = [
+                _driver("guess", {"url": guess_server.url, "max_turns": TURNS, "max_tokens": MAX_TOKENS,
+                                  "max_token_length": 160, "action_function":
+                                  "recipe.atropos.tests.openenv_guess_actions:guess_any"},
+                        api.url, policy_port, tiny_assets.model_dir, tmp_path),
+                _driver("arithmetic", {"command": openenv_server_argv(ARITHMETIC_APP), "max_turns": 1,
+                                       "max_tokens": 16, "max_token_length": 160},
+                        api.url, policy_port, tiny_assets.model_dir, tmp_path),
+                start_atropos_env("recipe/atropos/tests/ramp_advantage_env.py", tiny_assets, api.url, policy_port,
+                                  tmp_path / "ramp.log", "--env.emit_advantages", "true", "--env.max_num_workers", "2",
+                                  "--env.min_batch_allocation", str(SHARE), group_size=GROUP, max_tokens=16),
+            ]
+            wait_for_trajectory_trainer(trainer, api.url, policy_port, timeout_s=300)
+            trainer.run_to_end(timeout_s=420)
+            trainer.assert_exit(0, *others)
+    finally:
+        for process in others:
+            process.stop()
+        guess_server.stop()
+        api.stop()
+    steps = read_steps(metrics)
+    assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    for step in steps:
+        assert step["atropos/batch_groups"] == 3
+        assert step["atropos/behavior_matched_fraction"] == 1.0  # every trained token was sampled by the policy
+        for name in ("guess", "arithmetic"):  # the drivers' groups carry their entry's name
+            assert step[f"atropos/env/{name}/samples"] == GROUP, name
+        assert step["atropos/env/guess/episodes"] >= 1 and step["atropos/env/guess/failures"] == 0
+        assert step["atropos/trajectory/dropped/length"] == 0  # every episode fits the trainer's lengths
+    kinds = {"guess": 0, "arithmetic": 0, "ramp": 0}
+    for index in range(1, STEPS + 1):
+        groups: dict[str, list[dict]] = {}
+        for sample in read_jsonl(dump / f"{index}.jsonl"):
+            groups.setdefault(sample["uid"], []).append(sample)
+        for samples in groups.values():
+            if "Game " in samples[0]["input"]:
+                kinds["guess"] += 1
+                check_guess_group(samples, tokenizer)
+            elif samples[0]["advantages"] == pytest.approx(ramp(len(samples[0]["advantages"])), abs=1e-6):
+                kinds["ramp"] += 1  # the Atropos environment's own token-level advantages
+            else:  # the single-step OpenEnv episode: its one step's reward, GRPO over the group
+                kinds["arithmetic"] += 1
+                expected = compute_grpo_outcome_advantages_np([s["score"] for s in samples], [0] * GROUP)
+                for sample, value in zip(samples, expected):
+                    assert sample["advantages"] == pytest.approx([value] * len(sample["advantages"]), abs=1e-4)
+    assert kinds == {"guess": STEPS, "arithmetic": STEPS, "ramp": STEPS}
