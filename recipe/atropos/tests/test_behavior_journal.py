@@ -4,7 +4,6 @@ the trainer restarted from a checkpoint is known after it, and its groups are st
 from __future__ import annotations
 
 import subprocess
-import sys
 import textwrap
 
 import numpy as np
