@@ -45,26 +45,33 @@ class ServerLink:
 
     async def start_episode(self, reset_data: dict[str, Any]) -> tuple[OpenEnvSession, StepResult]:
         """A session reset with `reset_data` and its first observation (retried while the server is away)."""
+        try:  # the common case, without the retry machinery
+            return await self._start(reset_data)
+        except _TRANSIENT:
+            pass
         async for attempt in AsyncRetrying(retry=retry_if_exception_type(_TRANSIENT), reraise=True,
                                            stop=stop_after_delay(self.reconnect_max_wait_s),
                                            wait=wait_random_exponential(multiplier=0.25, max=5.0)):
             with attempt:
-                session = self._idle.pop() if self._idle else None
-                try:
-                    session = session or await OpenEnvSession.open(self.url, open_timeout_s=self.reset_timeout_s)
-                    first = await asyncio.wait_for(session.reset(**reset_data), self.reset_timeout_s)
-                except _TRANSIENT as exc:
-                    if session is not None:
-                        self.discard(session)
-                    self._note_failure(exc)
-                    raise
-                except BaseException:
-                    if session is not None:
-                        self.discard(session)
-                    raise
-                self._note_success()
-                return session, first
+                return await self._start(reset_data)
         raise AssertionError("unreachable")
+
+    async def _start(self, reset_data: dict[str, Any]) -> tuple[OpenEnvSession, StepResult]:
+        session = self._idle.pop() if self._idle else None
+        try:
+            session = session or await OpenEnvSession.open(self.url, open_timeout_s=self.reset_timeout_s)
+            first = await session.reset(reset_data, timeout_s=self.reset_timeout_s)
+        except _TRANSIENT as exc:
+            if session is not None:
+                self.discard(session)
+            self._note_failure(exc)
+            raise
+        except BaseException:
+            if session is not None:
+                self.discard(session)
+            raise
+        self._note_success()
+        return session, first
 
     def release(self, session: OpenEnvSession) -> None:
         """A session whose episode ended cleanly: it plays the next one."""

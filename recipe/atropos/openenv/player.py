@@ -125,7 +125,7 @@ class EpisodePlayer:
         except Exception as exc:  # the user's parser says the text is no action: the policy's mistake
             return self._penalize("parse_failures", transcript, f"turn {turn + 1}: no action in {text[:120]!r}: {exc}")
         try:
-            result = await asyncio.wait_for(session.step(action), self.spec.step_timeout_s)
+            result = await session.step(action, timeout_s=self.spec.step_timeout_s)
         except ActionRejected as exc:
             return self._penalize("action_rejected", transcript, f"turn {turn + 1}: the server rejected {action}: "
                                                                  f"{exc.server_message[:300]}")

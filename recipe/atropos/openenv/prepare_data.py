@@ -30,7 +30,7 @@ async def rows(url: str, seeds: list[int], split: str, data_source: str, prompt:
     out = []
     try:
         for index, seed in enumerate(seeds):
-            first = await session.reset(seed=seed)
+            first = await session.reset({"seed": seed})
             messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [prompt(first.observation, 0)]
             out.append({"data_source": data_source, "prompt": messages, "ability": "openenv",
                         "reward_model": {"style": "rule", "ground_truth": json.dumps({"seed": seed})},

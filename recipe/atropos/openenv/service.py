@@ -120,13 +120,13 @@ class OpenEnvServiceEnvironment(Environment):
 
     async def _play(self, session: OpenEnvSession, reset: dict[str, Any], response: str) -> dict[str, Any]:
         timeout = self.config.step_timeout_s
-        first = await asyncio.wait_for(session.reset(**reset), timeout)
+        first = await session.reset(reset, timeout_s=timeout)
         try:
             action = self.to_action(response, first.observation)
         except Exception:  # the parser says the text is no action: the policy's mistake
             return {"score": self.config.parse_penalty, "outcome": "unparseable", "done": True}
         try:
-            result = await asyncio.wait_for(session.step(action), timeout)
+            result = await session.step(action, timeout_s=timeout)
         except ActionRejected:
             return {"score": self.config.parse_penalty, "outcome": "rejected", "done": True}
         return {"score": float(result.reward or 0.0), "outcome": "scored", "done": result.done}

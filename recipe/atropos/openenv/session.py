@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from typing import Any
+import sys
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -31,6 +33,18 @@ __all__ = ["ActionRejected", "CapacityReached", "OpenEnvError", "OpenEnvSession"
 
 # An observation may carry images or files: the websockets default (1 MiB) is too small.
 MAX_MESSAGE_BYTES = 64 * 2**20
+_T = TypeVar("_T")
+
+
+async def within(awaitable: Awaitable[_T], seconds: float | None) -> _T:
+    """`awaitable`, or asyncio.TimeoutError after `seconds` (asyncio.timeout where there is one: unlike
+    wait_for it starts no task, which costs the driver a loop turn per message)."""
+    if seconds is None:
+        return await awaitable
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 class OpenEnvError(RuntimeError):
@@ -84,7 +98,7 @@ _ERRORS = {"VALIDATION_ERROR": ActionRejected, "CAPACITY_REACHED": CapacityReach
 class OpenEnvSession:
     """One `/ws` connection: one environment instance, reset and stepped one message at a time.
 
-    A request cut short (cancelled, timed out) leaves its answer on the wire: the session is then
+    A request cut short (cancelled, past its `timeout_s`) leaves its answer on the wire: the session is then
     `broken` and must be closed, never reused.
     """
 
@@ -99,11 +113,12 @@ class OpenEnvSession:
                                    compression=None)
         return cls(connection)
 
-    async def reset(self, **data: Any) -> StepResult:
-        return _step_result(await self._request({"type": "reset", "data": data}))
+    async def reset(self, data: dict[str, Any], timeout_s: float | None = None) -> StepResult:
+        """Start an episode with the reset arguments `data` (`{"seed": 2}`); its first observation."""
+        return _step_result(await within(self._request({"type": "reset", "data": data}), timeout_s))
 
-    async def step(self, action: dict[str, Any]) -> StepResult:
-        return _step_result(await self._request({"type": "step", "data": action}))
+    async def step(self, action: dict[str, Any], timeout_s: float | None = None) -> StepResult:
+        return _step_result(await within(self._request({"type": "step", "data": action}), timeout_s))
 
     async def state(self) -> dict[str, Any]:
         return (await self._request({"type": "state"}))["data"]

@@ -282,7 +282,7 @@ def test_server_errors_stalls_capacity_and_a_killed_server_cost_episodes_and_the
 def test_a_session_speaks_openenvs_protocol(stack):
     async def session() -> None:
         env = await OpenEnvSession.open(stack.guess.url)
-        first = await env.reset(seed=5)
+        first = await env.reset({"seed": 5})
         assert first.reward is None and not first.done and first.observation["prompt"].startswith("Game 5:")
         with pytest.raises(ActionRejected, match="less than or equal to 16"):
             await env.step({"guess": HIGHEST + 1})

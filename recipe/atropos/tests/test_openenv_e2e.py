@@ -77,6 +77,43 @@ def check_guess_group(samples: list[dict], tokenizer) -> None:
         assert sample["score"] == pytest.approx(sum(sample_rewards), abs=1e-6)
 
 
+def _runners(guess_url: str, api_url: str, policy_port: int, assets, tmp_path) -> list[Launched]:
+    """The guess game's driver (a running server), the arithmetic driver (its server started from
+    `command`), and the atroposlib ramp environment."""
+    return [
+        _driver("guess", {"url": guess_url, "max_turns": TURNS, "max_tokens": MAX_TOKENS, "max_token_length": 160,
+                          "action_function": "recipe.atropos.tests.openenv_guess_actions:guess_any"},
+                api_url, policy_port, assets.model_dir, tmp_path),
+        _driver("arithmetic", {"command": openenv_server_argv(ARITHMETIC_APP), "max_turns": 1, "max_tokens": 16,
+                               "max_token_length": 160},
+                api_url, policy_port, assets.model_dir, tmp_path),
+        start_atropos_env("recipe/atropos/tests/ramp_advantage_env.py", assets, api_url, policy_port,
+                          tmp_path / "ramp.log", "--env.emit_advantages", "true", "--env.max_num_workers", "2",
+                          "--env.min_batch_allocation", str(SHARE), group_size=GROUP, max_tokens=16),
+    ]
+
+
+def _check_trained_groups(dump, tokenizer) -> dict[str, int]:
+    """Every trained group of verl's rollout dump checked by its kind; how many of each."""
+    kinds = {"guess": 0, "arithmetic": 0, "ramp": 0}
+    for index in range(1, STEPS + 1):
+        groups: dict[str, list[dict]] = {}
+        for sample in read_jsonl(dump / f"{index}.jsonl"):
+            groups.setdefault(sample["uid"], []).append(sample)
+        for samples in groups.values():
+            if "Game " in samples[0]["input"]:
+                kinds["guess"] += 1
+                check_guess_group(samples, tokenizer)
+            elif samples[0]["advantages"] == pytest.approx(ramp(len(samples[0]["advantages"])), abs=1e-6):
+                kinds["ramp"] += 1  # the Atropos environment's own token-level advantages
+            else:  # the single-step OpenEnv episode: its one step's reward, GRPO over the group
+                kinds["arithmetic"] += 1
+                expected = compute_grpo_outcome_advantages_np([s["score"] for s in samples], [0] * GROUP)
+                for sample, value in zip(samples, expected):
+                    assert sample["advantages"] == pytest.approx([value] * len(sample["advantages"]), abs=1e-4)
+    return kinds
+
+
 @pytest.mark.timeout(600)
 def test_openenv_and_atropos_environments_train_together_on_what_was_played(tiny_assets, tmp_path):
     from transformers import AutoTokenizer
@@ -101,18 +138,7 @@ def test_openenv_and_atropos_environments_train_together_on_what_was_played(tiny
             # Every runner starts while the trainer boots and registers with run-api at its first batch
             # request, long before any group is played: run-api then holds each to its share from the
             # first batch on (drivers register first; atroposlib environments register at start).
-            others = [
-                _driver("guess", {"url": guess_server.url, "max_turns": TURNS, "max_tokens": MAX_TOKENS,
-                                  "max_token_length": 160, "action_function":
-                                  "recipe.atropos.tests.openenv_guess_actions:guess_any"},
-                        api.url, policy_port, tiny_assets.model_dir, tmp_path),
-                _driver("arithmetic", {"command": openenv_server_argv(ARITHMETIC_APP), "max_turns": 1,
-                                       "max_tokens": 16, "max_token_length": 160},
-                        api.url, policy_port, tiny_assets.model_dir, tmp_path),
-                start_atropos_env("recipe/atropos/tests/ramp_advantage_env.py", tiny_assets, api.url, policy_port,
-                                  tmp_path / "ramp.log", "--env.emit_advantages", "true", "--env.max_num_workers", "2",
-                                  "--env.min_batch_allocation", str(SHARE), group_size=GROUP, max_tokens=16),
-            ]
+            others = _runners(guess_server.url, api.url, policy_port, tiny_assets, tmp_path)
             wait_for_trajectory_trainer(trainer, api.url, policy_port, timeout_s=300)
             trainer.run_to_end(timeout_s=420)
             trainer.assert_exit(0, *others)
@@ -130,20 +156,4 @@ def test_openenv_and_atropos_environments_train_together_on_what_was_played(tiny
             assert step[f"atropos/env/{name}/samples"] == GROUP, name
         assert step["atropos/env/guess/episodes"] >= 1 and step["atropos/env/guess/failures"] == 0
         assert step["atropos/trajectory/dropped/length"] == 0  # every episode fits the trainer's lengths
-    kinds = {"guess": 0, "arithmetic": 0, "ramp": 0}
-    for index in range(1, STEPS + 1):
-        groups: dict[str, list[dict]] = {}
-        for sample in read_jsonl(dump / f"{index}.jsonl"):
-            groups.setdefault(sample["uid"], []).append(sample)
-        for samples in groups.values():
-            if "Game " in samples[0]["input"]:
-                kinds["guess"] += 1
-                check_guess_group(samples, tokenizer)
-            elif samples[0]["advantages"] == pytest.approx(ramp(len(samples[0]["advantages"])), abs=1e-6):
-                kinds["ramp"] += 1  # the Atropos environment's own token-level advantages
-            else:  # the single-step OpenEnv episode: its one step's reward, GRPO over the group
-                kinds["arithmetic"] += 1
-                expected = compute_grpo_outcome_advantages_np([s["score"] for s in samples], [0] * GROUP)
-                for sample, value in zip(samples, expected):
-                    assert sample["advantages"] == pytest.approx([value] * len(sample["advantages"]), abs=1e-4)
-    assert kinds == {"guess": STEPS, "arithmetic": STEPS, "ramp": STEPS}
+    assert _check_trained_groups(dump, tokenizer) == {"guess": STEPS, "arithmetic": STEPS, "ramp": STEPS}
