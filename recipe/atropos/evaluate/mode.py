@@ -13,6 +13,7 @@ The trainer (grpo_atropos_trainer.py) calls the same methods on either mode's ob
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,6 +38,7 @@ class EvaluateMode:
             self.feedback = MultiEnvironmentFeedback(atropos_config, tokenizer, grpo_computer, specs)
         else:
             self.feedback = EnvironmentFeedback(atropos_config, tokenizer, grpo_computer)
+        self._submit_s = 0.0  # this step's before_old_log_prob (0 when verl skipped old log-probs)
 
     def before_workers(self, trainer: Any) -> None:
         # Before the (slow) workers: a clear stop comes first.
@@ -50,14 +52,21 @@ class EvaluateMode:
         pass
 
     def before_old_log_prob(self, batch: DataProto, step: int) -> None:
+        start = time.perf_counter()
         self.feedback.submit(batch, step=step)
+        self._submit_s = time.perf_counter() - start
 
     def after_old_log_prob(self, batch: DataProto, old_log_prob: DataProto) -> None:
         pass
 
     def before_update(self, batch: DataProto, step: int) -> dict[str, float]:
-        """Advantages into `batch`; returns the step's ``atropos/...`` metrics."""
-        return self.feedback.apply(batch, step=step)
+        """Advantages into `batch`; returns the step's ``atropos/...`` metrics, with the time the two
+        hooks took on the trainer's thread (what the recipe adds to verl's old-log-prob and update)."""
+        start = time.perf_counter()
+        metrics = self.feedback.apply(batch, step=step)
+        metrics["atropos/timing_s/apply"] = time.perf_counter() - start
+        metrics["atropos/timing_s/submit"], self._submit_s = self._submit_s, 0.0
+        return metrics
 
     def rollout_dump(self, batch: DataProto) -> DataProto:
         return batch
