@@ -12,7 +12,8 @@ protocol itself (the `openenv` package stays in `.venv-openenv`, out of the trai
 - player.py: `EpisodePlayer`, one episode turn by turn through the policy gateway's token-in endpoint.
 - child_server.py: `ChildServer`, the server an entry's `command` starts, restarted when it exits.
 - runner.py / __main__.py: the driver process (`python -m recipe.atropos.openenv`, started by the launcher).
-- service.py: a single-step OpenEnv environment as an evaluate-mode environment service.
+- service.py / prepare_data.py: a single-step OpenEnv environment as an evaluate-mode environment service,
+  and verl's parquet from its resets.
 - examples/: environments written with OpenEnv's server API (the CPU demo's), served from .venv-openenv.
 
 Nothing here imports `openenv` except examples/ (which runs only in .venv-openenv).

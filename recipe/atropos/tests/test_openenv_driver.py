@@ -353,3 +353,31 @@ def test_turns_appended_without_retokenizing_read_as_the_chat_template_renders_t
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # Compared as the tokenizer reads text (it normalizes Unicode to NFC).
     assert tokenizer.decode(prompt + sampled + appended) == tokenizer.decode(tokenizer(expected, add_special_tokens=False)["input_ids"])
+
+
+def test_the_openenv_demo_config_runs_its_driver_within_the_trainers_limits():
+    """config/openenv_trajectory_cpu.yaml (make demo ARGS="--config openenv_trajectory_cpu"; the demo runs it
+    through verl): the launcher starts the OpenEnv driver with the entry, and the entry's episodes fit what
+    the trainer takes."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from recipe.atropos.config import AtroposTrainerConfig
+    from recipe.atropos.launcher.config import load_launcher_config
+    from recipe.atropos.launcher.plan import build_plan
+
+    config_file = REPO_ROOT / "recipe/atropos/config/openenv_trajectory_cpu.yaml"
+    with initialize_config_dir(config_dir=str(config_file.parent), version_base=None):
+        config = compose(config_name=config_file.stem)
+    atropos = AtroposTrainerConfig.from_config(config.trainer.atropos)
+    entry = OmegaConf.to_container(config.trainer.atropos.environments.arithmetic)
+    spec = load_spec("arithmetic", entry)
+    assert atropos.mode == "trajectory" and spec.group_size == config.actor_rollout_ref.rollout.n
+    assert spec.max_tokens <= config.data.max_response_length
+    assert spec.max_token_length <= config.data.max_prompt_length + config.data.max_response_length
+    plan = build_plan(load_launcher_config(config_file, []), config_file, [], run_dir=REPO_ROOT / "outputs" / "unused")
+    (runner,) = plan.environments
+    argv = list(runner.argv)
+    assert argv[argv.index("-m") + 1] == "recipe.atropos.openenv"
+    assert load_spec("arithmetic", json.loads(argv[argv.index("--spec-json") + 1])) == spec
+    assert spec.command[0] == ".venv-openenv/bin/python"  # from the repo root, where the launcher runs
