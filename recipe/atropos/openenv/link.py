@@ -42,6 +42,7 @@ class ServerLink:
         self._idle: list[OpenEnvSession] = []
         self._closing: set[asyncio.Task] = set()
         self._down_since: float | None = None
+        self._warned_full = False
 
     async def start_episode(self, reset_data: dict[str, Any]) -> tuple[OpenEnvSession, StepResult]:
         """A session reset with `reset_data` and its first observation (retried while the server is away)."""
@@ -95,6 +96,12 @@ class ServerLink:
     def _note_failure(self, exc: BaseException) -> None:
         if isinstance(exc, CapacityReached):
             self.stats.count("capacity_waits")  # back-pressure: the server is full, not broken
+            if not self._warned_full:
+                self._warned_full = True
+                logger.warning("%s: OpenEnv server %s is full (%s); episodes wait for a session. Its "
+                               "max_concurrent_envs (OpenEnv's default is 1) below the entry's concurrency slows the "
+                               "run: raise it (create_app(..., concurrency_config=ConcurrencyConfig("
+                               "max_concurrent_envs=N)))", self.name, self.url, exc.server_message)
             return
         self.stats.count("reconnect_attempts")
         if self._down_since is None:

@@ -272,7 +272,7 @@ def test_server_errors_stalls_capacity_and_a_killed_server_cost_episodes_and_the
     assert "did not answer step" in logged and stats.total["failures/timeout"] >= 1
     assert "closed the connection (code 1006" in logged
     assert stats.total["failures/server"] >= 2  # the injected error and the kill
-    assert stats.total["capacity_waits"] >= 1
+    assert stats.total["capacity_waits"] >= 1 and "is full (Server at capacity: 3/3 sessions active" in logged
     assert "the OpenEnv server exited with code -9" in logged and "is back at" in logged
     # The driver stopped the server it started.
     with pytest.raises(AssertionError, match="no guess server"):
