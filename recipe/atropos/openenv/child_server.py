@@ -1,7 +1,8 @@
 """`ChildServer`: the OpenEnv server an entry's `command` starts, run and supervised by its driver.
 
-The driver picks a free loopback port, fills `{host}` and `{port}` into the command, starts it in a
-process group of its own (its output goes to the driver's, i.e. the launcher's env-<name>.log), and
+The driver picks a free loopback port, fills `{host}` and `{port}` into the command (and
+`{openenv_python}`: this repo's `.venv-openenv/bin/python`, which `make install` builds), starts it with
+the repo root on PYTHONPATH (the example environments are modules of the repo) in a process group of its own (its output goes to the driver's, i.e. the launcher's env-<name>.log), and
 waits for `/health`. When the server exits, the driver says so with its exit code and starts it
 again on the same port, with backoff (1 s doubling to 30 s; reset after a minute up): the episodes
 it held are lost and counted, the others wait in their reconnect loop. When the driver stops, so
@@ -17,6 +18,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from recipe.atropos.openenv.session import wait_until_healthy
 
@@ -24,6 +26,8 @@ __all__ = ["ChildServer"]
 
 logger = logging.getLogger("verl.recipe.atropos.openenv")
 HOST = "127.0.0.1"
+REPO_ROOT = Path(__file__).resolve().parents[3]
+OPENENV_PYTHON = REPO_ROOT / ".venv-openenv/bin/python"
 
 
 def _die_with_parent() -> None:
@@ -43,6 +47,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _fill(part: str, values: Mapping[str, str]) -> str:
+    for key, value in values.items():
+        part = part.replace(key, value)
+    return part
+
+
 class ChildServer:
     """One server process for entry `name`, restarted when it exits until `stop()`."""
 
@@ -51,8 +61,13 @@ class ChildServer:
         self.name = name
         self.port = _free_port()
         self.url = f"http://{HOST}:{self.port}"
-        self.argv = [part.replace("{host}", HOST).replace("{port}", str(self.port)) for part in command]
+        if any("{openenv_python}" in part for part in command) and not OPENENV_PYTHON.exists():
+            raise FileNotFoundError(f"{OPENENV_PYTHON} ({{openenv_python}} in the command) is missing: `make install` "
+                                    "builds .venv-openenv")
+        values = {"{host}": HOST, "{port}": str(self.port), "{openenv_python}": str(OPENENV_PYTHON)}
+        self.argv = [_fill(part, values) for part in command]
         self.env = {**os.environ, **(env or {})}
+        self.env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), self.env.get("PYTHONPATH", "")) if p)
         self.cwd = cwd
         self.startup_timeout_s = startup_timeout_s
         self.restarts = 0

@@ -47,8 +47,11 @@ async def run(args: RunnerArgs, spec: OpenEnvSpec, stats: EpisodeStats | None = 
     renderer = ChatRenderer(AutoTokenizer.from_pretrained(args.tokenizer), spec.system_prompt)
     prompt = ObservationPrompt(spec.prompt_template, spec.prompt_function, key=key)
     stats = stats or EpisodeStats()
-    child = ChildServer(args.name, spec.command, env=spec.command_env, cwd=spec.command_cwd,
-                        startup_timeout_s=spec.startup_timeout_s) if spec.command else None
+    try:
+        child = ChildServer(args.name, spec.command, env=spec.command_env, cwd=spec.command_cwd,
+                            startup_timeout_s=spec.startup_timeout_s) if spec.command else None
+    except FileNotFoundError as exc:
+        raise EpisodeSpecError(f"{key}.command: {exc}") from exc
     supervisor = None
     try:
         url = child.url if child else spec.url.rstrip("/")

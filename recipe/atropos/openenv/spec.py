@@ -4,7 +4,7 @@
       guess:
         type: openenv
         url: http://127.0.0.1:8010           # a running OpenEnv server, or:
-        command: [.venv-openenv/bin/python, -m, uvicorn, my_env.server:app, --host, "{host}", --port, "{port}"]
+        command: ["{openenv_python}", -m, uvicorn, my_env.server:app, --host, "{host}", --port, "{port}"]
         group_size: 4
         concurrency: 16
         max_turns: 8
@@ -36,8 +36,9 @@ class OpenEnvSpec(EpisodeEnvSpec):
     type: Literal["openenv"] = Field(default="openenv", description="openenv")
     url: str | None = Field(default=None, description="http://host:port of a running OpenEnv server (or set command)")
     command: list[str] | None = Field(
-        default=None, description="argv that serves the environment on {host}:{port}; the driver starts it, restarts it "
-                                  "when it exits and stops it at the end (or set url)")
+        default=None, description="argv that serves the environment on {host}:{port} ({openenv_python}: the repo's "
+                                  ".venv-openenv python); the driver starts it, restarts it when it exits and stops "
+                                  "it at the end (or set url)")
     command_env: dict[str, str] = Field(default_factory=dict, description="environment variables added for command")
     command_cwd: str | None = Field(default=None, description="working directory of command (default: the driver's)")
     startup_timeout_s: float = Field(default=120.0, gt=0, description="how long the server may take to answer /health")

@@ -17,10 +17,12 @@ ARITHMETIC_APP = "recipe.atropos.openenv.examples.arithmetic_env:app"
 GUESS_APP = "recipe.atropos.tests.openenv_guess_env:app"
 
 
-def openenv_server_argv(app: str, host: str = "127.0.0.1", port: int | str = "{port}") -> list[str]:
-    """uvicorn serving `app` from .venv-openenv, quiet (no access log: one line per connection)."""
-    return [str(OPENENV_PYTHON), "-m", "uvicorn", app, "--host", host, "--port", str(port), "--log-level", "warning",
-            "--no-access-log"]
+def openenv_server_argv(app: str, host: str = "127.0.0.1", port: int | str = "{port}",
+                        python: str | None = None) -> list[str]:
+    """uvicorn serving `app` from .venv-openenv, quiet (no access log: one line per connection); the
+    default port and `python="{openenv_python}"` are the placeholders a driver's `command` fills."""
+    return [python or str(OPENENV_PYTHON), "-m", "uvicorn", app, "--host", host, "--port", str(port),
+            "--log-level", "warning", "--no-access-log"]
 
 
 def require_openenv() -> Path:

@@ -380,4 +380,4 @@ def test_the_openenv_demo_config_runs_its_driver_within_the_trainers_limits():
     argv = list(runner.argv)
     assert argv[argv.index("-m") + 1] == "recipe.atropos.openenv"
     assert load_spec("arithmetic", json.loads(argv[argv.index("--spec-json") + 1])) == spec
-    assert spec.command[0] == ".venv-openenv/bin/python"  # from the repo root, where the launcher runs
+    assert spec.command[0] == "{openenv_python}"  # the repo's .venv-openenv, wherever the launcher runs
