@@ -137,6 +137,7 @@ class Launched:
         self.popen = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=env if env is not None else repo_env(),
                                       stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self._tree: list[psutil.Process] = []
+        self.name = " ".join(Path(word).name for word in self.argv[1:3])  # e.g. "-m verl.trainer.main_ppo"
 
     @property
     def alive(self) -> bool:
@@ -152,7 +153,7 @@ class Launched:
 
     def assert_alive(self) -> None:
         """Fails, with its log, when the process has exited (a ``watch`` for the services of a run)."""
-        assert self.alive, f"{self.argv[1:3]} exited ({self.returncode}):\n{self.log()}"
+        assert self.alive, f"{self.name} exited ({self.returncode}):\n{self.log()}"
 
     def _remember_tree(self) -> None:
         """Every process it has started so far (kept: they are reparented once it dies)."""
@@ -168,7 +169,7 @@ class Launched:
             value = condition()
             if value:
                 return value
-            assert self.alive, f"{self.argv[2:4]} exited ({self.returncode}) before {what}:\n{self.log()}"
+            assert self.alive, f"{self.name} exited ({self.returncode}) before {what}:\n{self.log()}"
             assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n{self.log()}"
             if watch is not None:
                 watch()
@@ -186,7 +187,7 @@ class Launched:
             time.sleep(every_s)
         if self.alive:
             self.stop()
-            raise AssertionError(f"{self.argv[1:3]} still running after {timeout_s:g} s:\n{self.log()}")
+            raise AssertionError(f"{self.name} still running after {timeout_s:g} s:\n{self.log()}")
         return self.popen.wait()
 
     def crash(self, grace_s: float = 10.0) -> list[str]:

@@ -22,6 +22,7 @@ import pytest
 
 from recipe.atropos.demo.run_report import read_steps
 from recipe.atropos.tests.conftest import REPO_ROOT, repo_env
+from recipe.atropos.tests.e2e_harness import Launched, cpu_trainer_env
 from recipe.atropos.tests.servers import find_free_loopback_port
 from recipe.atropos.tests.test_launcher import LAUNCHER, Launch, is_gone, port_is_free
 
@@ -239,41 +240,31 @@ def test_sigterm_stops_run_api_trainer_and_environments(tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(400)
 def test_real_trajectory_run_through_the_launcher_trains_two_steps(tmp_path, tiny_assets):
-    metrics = tmp_path / "m.jsonl"
-    env = repo_env(
-        VERL_PLATFORM="cpu", VERL_USE_EXTERNAL_MODULES="recipe.atropos.cpu", VERL_FILE_LOGGER_PATH=str(metrics),
-        VERL_CPU_MODEL_PATH=str(tiny_assets.model_dir), VERL_CPU_TRAIN_FILES=str(tiny_assets.train_file),
-        VERL_CPU_VAL_FILES=str(tiny_assets.test_file),
-    )
-    run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "recipe" / "atropos" / "launch_atropos_verl_services.py"),
-         "--config", str(CONFIG), "--run-dir", str(run_dir),
-         "trainer.total_training_steps=2", "+ray_kwargs.ray_init.include_dashboard=false"],
-        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
+    metrics, run_dir = tmp_path / "m.jsonl", tmp_path / "run"
+    argv = [sys.executable, str(REPO_ROOT / "recipe" / "atropos" / "launch_atropos_verl_services.py"),
+            "--config", str(CONFIG), "--run-dir", str(run_dir),
+            "trainer.total_training_steps=2", "+ray_kwargs.ray_init.include_dashboard=false"]
     # Meanwhile: no process of the run (Ray's included) listens on every interface.
     wide_open: set[tuple[str, str, int]] = set()
-    sampler = threading.Thread(target=_sample_wildcard_listeners, args=(launcher, wide_open), daemon=True)
-    sampler.start()
-    try:
-        stdout, stderr = launcher.communicate(timeout=380)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    with Launched(argv, tmp_path / "launcher.log", cpu_trainer_env(tiny_assets, metrics)) as launcher:
+        sampler = threading.Thread(target=_sample_wildcard_listeners, args=(launcher.popen, wide_open), daemon=True)
+        sampler.start()
+        launcher.run_to_end(timeout_s=380)
+        # The launcher stopped every service it started (checked before the harness cleans up).
+        state = run_dir / "services.json"
+        services = json.loads(state.read_text())["services"].values() if state.exists() else []
+        left = [info for info in services if not is_gone(info["pid"])]
     sampler.join(timeout=10)
-    result = subprocess.CompletedProcess(launcher.args, launcher.returncode, stdout, stderr)
     logs = "".join(
         f"\n--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(run_dir.glob("*.log"))
     )
-    assert result.returncode == 0, result.stderr[-4000:] + logs
+    assert launcher.returncode == 0, launcher.log(4000) + logs
     steps = read_steps(metrics)
     assert [s["step"] for s in steps] == [1, 2], logs
     assert all(s["atropos/batch_groups"] == 2 for s in steps), steps
-    err = result.stderr
-    assert err.index("run-api is healthy") < err.index("policy endpoint is healthy") < err.index("started env-gsm8k")
-    for info in json.loads((run_dir / "services.json").read_text())["services"].values():
-        assert is_gone(info["pid"])
+    out = launcher.log(limit=10**7)  # the launcher's stdout and stderr
+    assert out.index("run-api is healthy") < out.index("policy endpoint is healthy") < out.index("started env-gsm8k")
+    assert not left, left
     assert not wide_open, f"listening on every interface during the run: {sorted(wide_open)}"
 
 
