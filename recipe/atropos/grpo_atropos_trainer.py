@@ -10,6 +10,10 @@ once by `trainer.atropos.mode`, with the same methods in either mode:
   policy gateway in front of verl's rollout servers and push scored groups to atroposlib's run-api,
   from which verl's rollout manager's replacement pulls each step's batch.
 
+With `trainer.atropos.rollout_placement: separate` (trajectory mode) the object built is a
+`SeparateGRPOAtroposTrainer` (placement/separate_trainer.py): this class on verl's separation seam,
+the rollout servers on a resource pool of their own (docs/async.md).
+
 Hooks: `init_workers` (`before_workers`, `after_workers`), `_compute_old_log_prob`
 (`before_old_log_prob`, `after_old_log_prob`), `_update_actor` (`before_update`, whose `atropos/...` metrics join the
 actor's, which verl logs through its Tracking), `_log_rollout_data` (`rollout_dump`), and the end

@@ -50,9 +50,9 @@ class PhaseTimes:
         return self.generation_s + self.training_s + self.sync_s
 
 
-def phase_times(steps: list[dict]) -> PhaseTimes:
-    """Medians over the steps after the first (its generation includes every start-up)."""
-    later = steps[1:] or steps
+def phase_times(steps: list[dict], warmup: int = 1) -> PhaseTimes:
+    """Medians over the steps after the first `warmup` (step 1's generation includes every start-up)."""
+    later = steps[warmup:] or steps
     gen = [s.get("timing_s/gen", 0.0) for s in later]
     sync = [s.get("timing_s/update_weights", 0.0) for s in later]
     train = [s["timing_s/step"] - g - w for s, g, w in zip(later, gen, sync)]
@@ -69,15 +69,17 @@ def separate_step_s(times: PhaseTimes, devices: int, train_devices: int, generat
 
 
 def predictions(times: PhaseTimes, devices: int = 8, train_devices: int = 4,
-                swap_pause_s: float | None = None) -> list[tuple[str, float, float]]:
-    """(case, seconds per step, speed-up over colocated) for generation from latency to throughput bound."""
+                swap_pause_s: float | None = None) -> list[tuple[str, float, float, float]]:
+    """(case, seconds per step, speed-up over colocated, break-even S) for generation from latency to
+    throughput bound; break-even S: the colocated sleep + sync time above which separate is faster,
+    all else as measured (``T_sep - G - U``)."""
     throughput = devices / (devices - train_devices)
-    out = [("colocated", times.colocated_step_s, 1.0)]
+    out = [("colocated", times.colocated_step_s, 1.0, float("nan"))]
     for name, g in (("separate, generation latency bound (g=1)", 1.0),
                     (f"separate, half-way (g={(1 + throughput) / 2:g})", (1 + throughput) / 2),
                     (f"separate, generation throughput bound (g={throughput:g})", throughput)):
         step = separate_step_s(times, devices, train_devices, g, swap_pause_s)
-        out.append((name, step, times.colocated_step_s / step))
+        out.append((name, step, times.colocated_step_s / step, step - times.generation_s - times.training_s))
     return out
 
 
@@ -99,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     times = phase_times(steps)
     print(f"measured (median of {len(steps) - 1} steps): generation G {times.generation_s:.3f} s, "
           f"training U {times.training_s:.3f} s, sleep+sync S {times.sync_s:.3f} s")
-    for name, step, speedup in predictions(times, args.devices, args.split, args.swap_pause_s):
-        print(f"  {name:55s} {step:8.3f} s/step  {60 / step:8.2f} steps/min  x{speedup:.2f}")
+    for name, step, speedup, break_even in predictions(times, args.devices, args.split, args.swap_pause_s):
+        pays = "" if break_even != break_even else f"  (pays when S > {break_even:.3f} s)"
+        print(f"  {name:55s} {step:8.3f} s/step  {60 / step:8.2f} steps/min  x{speedup:.2f}{pays}")
     return 0
 
 

@@ -10,8 +10,9 @@ step 2 the rollout server's process is killed (SIGKILL, as the OOM killer would)
   windows the trainer logged, and the gateway reports requests in flight during updates;
 - every trained group is within ``max_staleness``, and what was trained is what was sampled: every
   sample's tokens are a completion the gateway relayed, with the log-probs the server returned;
-- the killed server is started again (once), gets the current weights, and the run completes every
-  step; then nothing it started is left running.
+- the killed server is started again (once) and, once the gateway lets requests through to it, holds
+  the weights version the gateway reports; the run completes every step; then nothing it started is
+  left running.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ import pytest
 from recipe.atropos.demo.run_report import read_jsonl, read_steps
 
 from .e2e_harness import (
-    Launched, cpu_trainer_env, descendants, gone, start_atropos_env, tiny_batch, trainer_argv,
-    wait_for_trajectory_trainer,
+    Launched, cpu_trainer_env, descendants, gateway_health, gone, http_health, start_atropos_env, tiny_batch,
+    trainer_argv, wait_for_trajectory_trainer,
 )
 from .servers import find_free_loopback_port, start_atropos_run_api
 
@@ -46,7 +47,7 @@ def _rollout_server(trainer: Launched) -> psutil.Process | None:
     return None
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1200)
 def test_separate_rollout_serves_during_updates_and_survives_its_servers_death(tiny_assets, tmp_path):
     api = start_atropos_run_api()
     policy_port = find_free_loopback_port()
@@ -61,14 +62,21 @@ def test_separate_rollout_serves_during_updates_and_survives_its_servers_death(t
     killed = None
     try:
         with Launched(argv, tmp_path / "trainer.log", env=cpu_trainer_env(tiny_assets, metrics)) as trainer:
-            wait_for_trajectory_trainer(trainer, api.url, policy_port)
+            # Start-up: two worker pools (trainer's, rollout's); minutes on two busy cores.
+            wait_for_trajectory_trainer(trainer, api.url, policy_port, timeout_s=480)
             with start_atropos_env("recipe/atropos/environments/atropos_gsm8k_env.py", tiny_assets, api.url,
                                    policy_port, tmp_path / "env.log", "--env.max_num_workers", "2") as env:
                 server = trainer.wait_until(lambda: _rollout_server(trainer), "the rollout server's process", 60)
                 trainer.wait_until(lambda: len(read_steps(metrics)) >= KILL_AFTER_STEP if metrics.exists() else False,
                                    f"step {KILL_AFTER_STEP}", 300, watch=lambda: _alive(env))
+                old_servers = gateway_health(policy_port)["servers"]
                 killed = server.pid
                 server.send_signal(signal.SIGKILL)
+                # Its successor serves with the weights the gateway says the servers hold.
+                versions = trainer.wait_until(lambda: _successor_versions(policy_port, old_servers),
+                                              "the restarted server behind the open gateway", 240,
+                                              watch=lambda: _alive(env), every_s=0.1)
+                assert versions[0] == versions[1], f"restarted server at version {versions[0]}, gateway {versions[1]}"
                 trainer.run_to_end(timeout_s=360, watch=lambda: _alive(env))
             trainer.assert_exit(0, env)
             # Nothing the trainer started (Ray's processes, the restarted server) outlives it.
@@ -107,6 +115,19 @@ def test_separate_rollout_serves_during_updates_and_survives_its_servers_death(t
         assert s["atropos/behavior_matched_fraction"] == 1.0, s
         assert s["atropos/behavior_logprob_env_max_abs_diff"] < 1e-5, s
         assert s["atropos/async/weight_sync_s"] > 0
+
+
+def _successor_versions(policy_port: int, old_servers: list[str]) -> tuple[int, int] | None:
+    """(the new server's weights version, the gateway's), read while the open gateway's version did
+    not change; None until the gateway lists a new server."""
+    before = gateway_health(policy_port)
+    if before is None or before["servers"] == old_servers or before["gate"] != "open":
+        return None
+    server = http_health(before["servers"][0])
+    after = gateway_health(policy_port)
+    if server is None or after is None or (after["gate"], after["global_steps"]) != ("open", before["global_steps"]):
+        return None  # a weight swap in between: read again
+    return server["global_steps"], before["global_steps"]
 
 
 def _alive(env: Launched) -> None:
