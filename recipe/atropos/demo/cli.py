@@ -9,6 +9,8 @@
 3. Prints one line per step (reward, accuracy, whether the environment's advantages were used),
    then a summary with the per-step timing breakdown; writes verl's metrics to
    <out>/metrics.jsonl and the plot to <out>/reward.png.
+4. Measures what was learned on held-out prompts: verl's own validation, greedy, on the same 512
+   test prompts before training and at steps S-10 and S (20 and 30).
 
 `--config mixed_grpo_cpu` (`make demo ARGS="--config mixed_grpo_cpu"`) trains on two environments at
 once: GSM8K-style problems through the GSM8K service and reasoning-gym's basic_arithmetic through the
@@ -19,12 +21,16 @@ environment's reward (docs/many_environments.md). Its output goes to outputs/dem
 rollout on vLLM's CPU build: config/cpu/vllm.yaml is added to the config (`+cpu=vllm`).
 
 Every process it starts is stopped at the end, on Ctrl-C too (the launcher's supervision).
-`--check` exits non-zero unless the mean reward of the last 5 steps beats that of the first 5.
+`--check` exits 3 unless the greedy held-out accuracy after training (the mean of steps S-10 and S)
+beats that before by at least run_report.MIN_HELDOUT_GAIN. Greedy decoding makes it a function of the
+weights alone: a run with `actor_rollout_ref.actor.optim.lr=0` changes nothing and exits 3, a default
+run passes at any `data.seed` (docs/cpu_mode.md: the spread over seeds).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import subprocess
@@ -33,7 +39,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from recipe.atropos.demo.run_report import StepFollower, format_step, plot_reward, read_steps, summarize
+from recipe.atropos.demo.run_report import (
+    HELDOUT_WINDOW,
+    MIN_HELDOUT_GAIN,
+    StepFollower,
+    format_step,
+    plot_reward,
+    read_steps,
+    read_validation,
+    summarize,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO_ROOT / "recipe/atropos/config"
@@ -42,7 +57,21 @@ CONFIG = CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
 DEFAULT_STEPS = 30  # trainer.total_training_steps in gsm8k_grpo_cpu.yaml and mixed_grpo_cpu.yaml
 # --rollout: the overrides that select it (hf is gsm8k_grpo_cpu.yaml's own).
 ROLLOUTS = {"hf": [], "vllm": ["+cpu=vllm"]}
-ASSET_SETTINGS = {"num_train": 512, "num_test": 64, "seed": 0, "pretrain_steps": 300}
+# num_test: the held-out prompts --check compares before and after training. Sized from the spread of
+# its statistic over 12 seeds (docs/cpu_mode.md#did-it-learn): sd 0.027, 0.023, 0.020, 0.016 with the
+# first 64, 128, 256, 512 prompts; each validation of 512 takes 3-6 s.
+ASSET_SETTINGS = {"num_train": 512, "num_test": 512, "seed": 0, "pretrain_steps": 300}
+# The mixed demo's reasoning-gym test rows (its --check averages the two data sources' held-out scores).
+REASONING_GYM_NUM_TEST = 64
+# The held-out evaluation (verl's validation): greedy (val_kwargs), on data.val_files, before training and
+# at steps S-10 and S (trainer.test_freq, :func:`held_out_test_freq`; each costs 3-6 s for 512 prompts).
+# The user's overrides come after these and win.
+HELD_OUT_OVERRIDES = [
+    "trainer.val_before_train=true",
+    "actor_rollout_ref.rollout.val_kwargs.do_sample=false",
+    "actor_rollout_ref.rollout.val_kwargs.temperature=0",
+    "actor_rollout_ref.rollout.val_kwargs.n=1",
+]
 
 
 def ensure_assets(out: Path) -> Path:
@@ -66,7 +95,7 @@ def ensure_reasoning_gym_data(assets_dir: Path) -> None:
     from recipe.atropos.demo.tiny_assets import build_reasoning_gym_data
 
     settings = {"task": "basic_arithmetic", "num_train": ASSET_SETTINGS["num_train"],
-                "num_test": ASSET_SETTINGS["num_test"], "seed": ASSET_SETTINGS["seed"]}
+                "num_test": REASONING_GYM_NUM_TEST, "seed": ASSET_SETTINGS["seed"]}
     stamp = assets_dir / "REASONING_GYM_BUILT_WITH"
     if stamp.exists() and stamp.read_text() == repr(sorted(settings.items())):
         return
@@ -90,12 +119,19 @@ def _total_steps(overrides: list[str]) -> int:
     return DEFAULT_STEPS
 
 
+def held_out_test_freq(total_steps: int) -> int:
+    """verl validates at every multiple of trainer.test_freq and at the last step: at S-10 and S for a
+    run of S >= 20 steps (run_report.HELDOUT_WINDOW), at S alone for one of 10 or fewer."""
+    return total_steps - HELDOUT_WINDOW if total_steps > HELDOUT_WINDOW else total_steps
+
+
 def run(out: Path, overrides: list[str], rollout: str = "hf", config: Path = CONFIG) -> int:
     """Run the launcher, echoing each step as verl logs it; returns the launcher's exit code."""
     assets_dir = ensure_assets(out)
     ensure_reasoning_gym_data(assets_dir)
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
+    total = _total_steps(overrides)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -119,13 +155,13 @@ def run(out: Path, overrides: list[str], rollout: str = "hf", config: Path = CON
         "+ray_kwargs.ray_init.include_dashboard=false",
         # A new Ray of its own: without an address ray.init() joins the last cluster `ray start`
         # recorded in /tmp/ray (another job's, on a shared machine).
-        "++ray_kwargs.ray_init.address=local", *ROLLOUTS[rollout], *overrides,
+        "++ray_kwargs.ray_init.address=local", *ROLLOUTS[rollout], *HELD_OUT_OVERRIDES,
+        f"trainer.test_freq={held_out_test_freq(total)}", *overrides,
     ]
-    total = _total_steps(overrides)
     print(f"demo: {config.stem}, {total} GRPO steps on CPU, {rollout} rollout; service and trainer logs in {out / 'launch'}",
           flush=True)
     launcher = subprocess.Popen(command, cwd=REPO_ROOT, env=env)
-    follower = StepFollower(metrics_path)
+    follower = StepFollower(metrics_path, validation=True)
     try:
         while launcher.poll() is None:
             for step in follower.new_steps():
@@ -149,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="output folder (default: outputs/demo, outputs/demo_<config> for another --config)")
     parser.add_argument("--rollout", choices=sorted(ROLLOUTS), default="hf",
                         help="hf: the recipe's Hugging Face rollout; vllm: verl's vLLM rollout (vLLM's CPU build, .venv-vllm)")
-    parser.add_argument("--check", action="store_true", help="exit 3 unless the reward improved (last 5 steps vs first 5)")
+    parser.add_argument("--check", action="store_true",
+                        help=f"exit 3 unless the greedy held-out accuracy after training (steps S-10 and S) beats that "
+                             f"before by {MIN_HELDOUT_GAIN}")
     args, overrides = parser.parse_known_args(argv)
     config = config_file(args.config)
     if args.out is None:
@@ -161,16 +199,22 @@ def main(argv: list[str] | None = None) -> int:
     if not steps:
         print(f"demo: no training step was logged (exit code {returncode}); see {args.out / 'launch'}", file=sys.stderr)
         return returncode or 1
-    summary = summarize(steps)
-    plot = plot_reward(steps, args.out / "reward.png")
+    validation = read_validation(metrics_path)
+    summary = summarize(steps, validation=validation)
+    plot = plot_reward(steps, args.out / "reward.png", validation)
     print("\n=== summary ===")
     for line in summary.lines():
         print(line)
     print(f"metrics: {metrics_path}\nplot:    {plot}")
     if returncode:
         return returncode
+    if args.check and math.isnan(summary.heldout_gain):
+        print("demo: --check needs the held-out evaluation before training and at the last step: "
+              "trainer.val_before_train=true and trainer.test_freq > 0 (the demo's own settings)", file=sys.stderr)
+        return 3
     if args.check and not summary.improved:
-        print("demo: the reward did not improve", file=sys.stderr)
+        print(f"demo: did not learn: held-out accuracy {summary.heldout_before:.3f} before training, "
+              f"{summary.heldout_after:.3f} after (--check needs +{MIN_HELDOUT_GAIN})", file=sys.stderr)
         return 3
     return 0
 

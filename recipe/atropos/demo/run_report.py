@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +16,20 @@ FALLBACK = "atropos/fallback"
 # reward curve of an environment is the first of these it logs.
 ENV_PREFIX = "atropos/env/"
 ENV_REWARD_METRICS = ("mean_score", "reward/mean", "score/mean")
+# verl's validation (trainer.val_before_train, trainer.test_freq): the mean score of each data source's
+# held-out prompts, val-core/<data_source>/<acc, or reward without an acc>/mean@<val_kwargs.n>.
+HELD_OUT_KEY = re.compile(r"^val-core/(?P<source>.+)/(?:acc|reward)/mean@\d+$")
+# "After training": the mean held-out score of the validations in the last HELDOUT_WINDOW steps (the
+# demo validates at steps S-10 and S). A single checkpoint's greedy accuracy swings by up to 0.15 from one
+# validation to the next as greedy answers flip format together; two 10 steps apart average that out.
+HELDOUT_WINDOW = 10
+# --check: the least held-out gain (after training minus before) that counts as learned. With greedy
+# validation the held-out score is a function of the weights alone: with the learning rate 0 the gain is
+# exactly 0.000 (3 runs, 30-60 steps), so the check fails. The demo's 30 steps over 12 seeds (issue 25,
+# docs/cpu_mode.md#did-it-learn): +0.059 to +0.118, mean 0.091, sd 0.016. 0.02 is 4.4 sd below the
+# mean: a false failure has probability 6e-6 under a normal fit, 7e-4 under the predictive t (11 df)
+# that allows for the sd's own uncertainty.
+MIN_HELDOUT_GAIN = 0.02
 # The per-step timing breakdown, as verl (timing_s/...) and the trainer (atropos/...) log it.
 TIMING_KEYS = {
     "generation": "timing_s/gen",
@@ -45,11 +60,30 @@ def read_steps(path: str | Path) -> list[dict]:
     return [steps[k] for k in sorted(steps)]
 
 
-class StepFollower:
-    """Yields the training steps a growing metrics file gains since the last call."""
+def held_out_score(data: dict) -> float | None:
+    """The held-out score of one metrics record: the mean over data sources of verl's val-core mean;
+    None for a record without validation."""
+    scores = [float(v) for k, v in data.items() if HELD_OUT_KEY.match(k)]
+    return sum(scores) / len(scores) if scores else None
 
-    def __init__(self, path: str | Path):
+
+def read_validation(path: str | Path) -> dict[int, float]:
+    """{step: held-out score} of a verl file-logger JSONL; step 0 is the validation before training."""
+    scores = {}
+    for record in read_jsonl(path):
+        score = held_out_score(record["data"])
+        if score is not None:
+            scores[record["step"]] = score
+    return dict(sorted(scores.items()))
+
+
+class StepFollower:
+    """Yields the training steps a growing metrics file gains since the last call (with
+    ``validation=True`` also step 0's validation before training, which has no reward)."""
+
+    def __init__(self, path: str | Path, validation: bool = False):
         self.path = Path(path)
+        self.validation = validation
         self._offset = 0
 
     def new_steps(self) -> Iterator[dict]:
@@ -64,7 +98,7 @@ class StepFollower:
         self._offset += len(complete) + 1
         for line in complete.decode().splitlines():
             record = json.loads(line)
-            if REWARD in record["data"]:
+            if REWARD in record["data"] or (self.validation and held_out_score(record["data"]) is not None):
                 yield {"step": record["step"], **record["data"]}
 
 
@@ -89,6 +123,9 @@ def environment_names(steps: list[dict]) -> list[str]:
 
 def format_step(step: dict, total_steps: int | None = None) -> str:
     of = f"/{total_steps}" if total_steps else ""
+    held_out = held_out_score(step)
+    if REWARD not in step and held_out is not None:
+        return f"step {step['step']:>3}{of} | held-out accuracy {held_out:.3f} (greedy, before training)"
     parts = [f"step {step['step']:>3}{of}", f"reward {step.get(REWARD, float('nan')):.3f}"]
     parts += [f"{name} {value:.3f}" for name, value in environment_rewards(step).items()]
     if ACCURACY in step:
@@ -97,6 +134,8 @@ def format_step(step: dict, total_steps: int | None = None) -> str:
         parts.append("fallback GRPO" if step[FALLBACK] else "env advantages")
     if "timing_s/step" in step:
         parts.append(f"{step['timing_s/step']:.2f}s")
+    if held_out is not None:
+        parts.append(f"held-out accuracy {held_out:.3f}")
     return " | ".join(parts)
 
 
@@ -108,35 +147,58 @@ def _mean(values: list[float]) -> float:
 @dataclasses.dataclass(frozen=True)
 class RunSummary:
     steps: int
-    reward_first: float  # mean over the first `window` steps
+    reward_first: float  # mean over the first `window` steps (sampled, temperature 1)
     reward_last: float  # mean over the last `window` steps
     accuracy_first: float
     accuracy_last: float
     fallback_steps: int
     timing_s: dict[str, float]  # mean per step, after the first step (which includes warm-up)
     window: int
+    # Greedy held-out score (verl's validation, :func:`read_validation`) before training (step 0) and
+    # after (the mean over the validations in the last HELDOUT_WINDOW steps); NaN when not validated.
+    heldout_before: float = float("nan")
+    heldout_after: float = float("nan")
+    heldout_after_steps: tuple[int, ...] = ()
+
+    @property
+    def heldout_gain(self) -> float:
+        return self.heldout_after - self.heldout_before
 
     @property
     def improved(self) -> bool:
-        return self.reward_last > self.reward_first
+        """Learned: the held-out score gained at least :data:`MIN_HELDOUT_GAIN` (False when unmeasured)."""
+        return self.heldout_gain >= MIN_HELDOUT_GAIN
 
     def lines(self) -> list[str]:
-        out = [
+        if math.isnan(self.heldout_gain):
+            held_out = "held-out accuracy: not measured (needs trainer.val_before_train=true and trainer.test_freq > 0)"
+        else:
+            verdict = "learned" if self.improved else f"did not learn: needs +{MIN_HELDOUT_GAIN:.3f}"
+            at = ", ".join(map(str, self.heldout_after_steps))
+            held_out = (f"held-out accuracy (greedy) before: {self.heldout_before:.3f}  after (steps {at}): "
+                        f"{self.heldout_after:.3f}  ({self.heldout_gain:+.3f}, {verdict})")
+        return [
             f"steps: {self.steps}, fell back to GRPO on {self.fallback_steps}",
-            f"reward   first {self.window}: {self.reward_first:.3f}  last {self.window}: {self.reward_last:.3f}"
-            f"  ({'improved' if self.improved else 'did not improve'})",
+            held_out,
+            f"reward   first {self.window}: {self.reward_first:.3f}  last {self.window}: {self.reward_last:.3f}  (sampled)",
             f"accuracy first {self.window}: {self.accuracy_first:.3f}  last {self.window}: {self.accuracy_last:.3f}",
             "mean seconds per step (after the first): "
             + ", ".join(f"{name} {value:.3f}" for name, value in self.timing_s.items() if not math.isnan(value)),
         ]
-        return out
 
 
-def summarize(steps: list[dict], window: int = 5) -> RunSummary:
+def summarize(steps: list[dict], window: int = 5, validation: dict[int, float] | None = None) -> RunSummary:
+    """The run in a few numbers; ``validation`` (:func:`read_validation`) gives the held-out scores."""
     if not steps:
         raise ValueError("no training step was logged")
     first, last = steps[:window], steps[-window:]
     warm = steps[1:] or steps
+    validation = validation or {}
+    last_step = steps[-1]["step"]
+    # After training: the validations of the last HELDOUT_WINDOW steps, the last step's among them.
+    after = [step for step in validation if max(1, last_step - HELDOUT_WINDOW) <= step <= last_step]
+    if last_step not in after:
+        after = []
     return RunSummary(
         steps=len(steps),
         reward_first=_mean([s.get(REWARD) for s in first]),
@@ -146,6 +208,9 @@ def summarize(steps: list[dict], window: int = 5) -> RunSummary:
         fallback_steps=int(sum(s.get(FALLBACK, 0) for s in steps)),
         timing_s={name: _mean([s.get(key) for s in warm]) for name, key in TIMING_KEYS.items()},
         window=window,
+        heldout_before=validation.get(0, float("nan")),
+        heldout_after=_mean([validation[step] for step in after]),
+        heldout_after_steps=tuple(after),
     )
 
 
@@ -157,9 +222,10 @@ def reward_curves(steps: list[dict]) -> dict[str, list[float]]:
     return curves
 
 
-def plot_reward(steps: list[dict], path: str | Path) -> Path:
+def plot_reward(steps: list[dict], path: str | Path, validation: dict[int, float] | None = None) -> Path:
     """Reward (and accuracy, when the environment reports it) per step, as a PNG; with several
-    environments (``atropos/env/<name>/...``), one reward curve per environment as well."""
+    environments (``atropos/env/<name>/...``), one reward curve per environment as well; the
+    held-out scores of ``validation`` (:func:`read_validation`) as their own markers."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -174,6 +240,8 @@ def plot_reward(steps: list[dict], path: str | Path) -> Path:
             ax.plot(x, y, marker=".", linestyle="--", label=label)
     if any(ACCURACY in s for s in steps):
         ax.plot(x, [s.get(ACCURACY, float("nan")) for s in steps], marker=".", label="accuracy (environment)")
+    if validation:
+        ax.plot(list(validation), list(validation.values()), marker="s", color="black", label="held-out accuracy (greedy)")
     fallback = [s["step"] for s in steps if s.get(FALLBACK)]
     if fallback:
         ax.scatter(fallback, [0] * len(fallback), marker="x", color="red", label="fell back to GRPO")
