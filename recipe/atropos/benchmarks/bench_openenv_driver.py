@@ -132,7 +132,7 @@ async def driver(url: str, policy_url: str, run_api: str, model_dir: str, concur
 
     spec = load_spec("bench", {"type": "openenv", "url": url, "group_size": 4, "concurrency": concurrency,
                                "max_turns": 1, "max_tokens": 24, "max_token_length": 256,
-                               "max_groups": max(episodes // 4, 2)})
+                               "max_groups": max(episodes // 4, 2), "max_batches_offpolicy": 0})  # no trainer takes them
     await run(RunnerArgs("bench", policy_url, run_api, model_dir), spec, TimedStats())
     return timed.done()
 

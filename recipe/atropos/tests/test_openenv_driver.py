@@ -51,7 +51,7 @@ pytestmark = [pytest.mark.slow]
 GROUP = 4
 PENALTY = -1.0
 GUESS_ENTRY = {"type": "openenv", "group_size": GROUP, "concurrency": GROUP, "max_turns": 3, "max_tokens": 8,
-               "max_token_length": 512, "parse_penalty": PENALTY, "step_timeout_s": 30,
+               "max_token_length": 512, "parse_penalty": PENALTY, "step_timeout_s": 30, "max_batches_offpolicy": 0,
                "action_function": "recipe.atropos.tests.openenv_guess_actions:parse_guess"}
 
 
@@ -210,7 +210,8 @@ def test_played_episodes_reach_run_api_token_for_token_with_process_credit(stack
                                     "action_function": f"recipe.atropos.tests.openenv_guess_actions:{parse.__name__}"})
              for (name, parse), groups, seed in zip(PARSERS.items(), (2, 2, 1), (0, 1, 2))}
     specs["arithmetic"] = load_spec("arithmetic", {"type": "openenv", "url": stack.arithmetic.url, "group_size": GROUP,
-                                                   "concurrency": GROUP, "max_tokens": 16, "max_groups": 2, "seed": 3})
+                                                   "concurrency": GROUP, "max_tokens": 16, "max_groups": 2, "seed": 3,
+                                                   "max_batches_offpolicy": 0})
 
     async def all_entries() -> list[EpisodeStats]:
         return await asyncio.gather(*(run(stack.args(name), spec) for name, spec in specs.items()))
@@ -277,6 +278,31 @@ def test_server_errors_stalls_capacity_and_a_killed_server_cost_episodes_and_the
     # The driver stopped the server it started.
     with pytest.raises(AssertionError, match="no guess server"):
         _driver_started_server()
+
+
+@pytest.mark.timeout(180)
+def test_a_driver_stops_starting_groups_while_run_api_holds_enough_batches(stack):
+    """max_batches_offpolicy=1 with batches of one group: the driver's two groups in flight may land, then it
+    waits until the trainer takes a batch (here: the test), and completes once batches are taken."""
+    spec = load_spec("bounded", {**GUESS_ENTRY, "url": stack.guess.url, "max_groups": 4, "max_batches_offpolicy": 1,
+                                 "action_function": "recipe.atropos.tests.openenv_guess_actions:guess_any"})
+    stats, queued = EpisodeStats(), []
+
+    async def play_and_take() -> None:
+        driver = asyncio.create_task(run(stack.args("bounded"), spec, stats))
+        taken = 0
+        while not driver.done():
+            await asyncio.sleep(0.2)
+            queued.append(stack.client.status().queue_size)
+            if queued[-1] >= 1 and len(queued) >= 10 and queued[-10:] == [queued[-1]] * 10:
+                assert stack.client.get_batch() is not None  # it is waiting: take a batch, as a trainer would
+                taken += 1
+        await driver
+        assert taken >= 2
+
+    asyncio.run(asyncio.wait_for(play_and_take(), 150))
+    assert max(queued) <= 2 and stats.total["pushed_groups"] == 4
+    stack.drain()
 
 
 def test_a_session_speaks_openenvs_protocol(stack):
