@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import defaultdict
 
@@ -29,14 +30,15 @@ from recipe.atropos.trajectory.gateway import PolicyGateway
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 
 from .servers import start_atropos_run_api, start_cpu_policy_server
-from .vf_test_envs import BEHAVIOURS, FEEDBACK, ramp
+from .vf_test_envs import FEEDBACK, ramp
 
 pytestmark = pytest.mark.slow
 
 GROUP = 4
 GROUPS_EACH = 2
 ENVS = ("single_turn", "multi_turn", "own_credit", "faulty")
-HANG_TIMEOUT_S = 3.0
+# Long enough for a normal episode on a loaded machine (under 1 s on an idle one), short: a hang costs it.
+HANG_TIMEOUT_S = 6.0
 # The server scores a sequence in one forward pass; it sampled it token by token in batches padded
 # to their longest prompt: the two agree to float32 rounding (max difference seen here: 1e-6 over 32 sequences).
 LOGPROB_TOL = 1e-4
@@ -154,12 +156,11 @@ def test_runner_pushes_exact_groups_of_four_verifiers_environments(loopback_part
 
     # The faulty environment's failures: counted by kind, logged with the task and the error.
     faulty = stats["faulty"].total
-    assert faulty["failures/error"] >= GROUP and faulty["failures/timeout"] >= GROUP, dict(faulty)
-    assert faulty["pushed_groups"] == GROUPS_EACH
-    log = caplog.text
-    raising = [f"count-{i}" for i, b in enumerate(BEHAVIOURS * 2) if b == "raise"]
-    assert any(f"task {t}" in log and "exploded on purpose" in log for t in raising), log[-2000:]
-    assert "(timeout)" in log
+    assert faulty["failures/error"] >= 1 and faulty["failures/timeout"] >= 1, dict(faulty)
+    assert faulty["pushed_groups"] == GROUPS_EACH and faulty.get("dropped_groups", 0) == 0, dict(faulty)
+    assert re.search(r"episode of task count-\d+ \(try \d+\) failed \(error\): .*episode \d+ of task count-\d+ exploded "
+                     r"on purpose", caplog.text), caplog.text[-2000:]
+    assert re.search(r"episode of task count-\d+ \(try \d+\) failed \(timeout\)", caplog.text), caplog.text[-2000:]
     reported = [g["group_overrides"]["episode_stats"] for g in by_env["faulty"]]
     assert sum(s.get("failures/error", 0) + s.get("failures/timeout", 0) for s in reported) > 0
     # Every completion the runners got was recorded by the gateway (staleness and off-policy correction use them).

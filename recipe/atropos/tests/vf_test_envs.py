@@ -8,7 +8,7 @@ runner loads as `recipe.atropos.tests.vf_test_envs:<name>`:
 - `own_credit`: single-turn, and the environment assigns its own per-token advantages in `finalize`
   (`ramp`): the trainer must use exactly these.
 - `single_turn` and `own_credit` take `record_to`: a JSON-lines file each finished episode is appended to.
-- `faulty`: tasks that play normally, raise in the environment, or hang (`BEHAVIOURS`).
+- `faulty`: some episodes raise in the environment, some hang, the others play normally.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import verifiers.v1 as vf
 
 from recipe.atropos.verifiers.plugins import register
 
-__all__ = ["BEHAVIOURS", "FEEDBACK", "ramp", "single_turn", "single_turn_in", "multi_turn", "own_credit", "faulty", "digit_share"]
+__all__ = ["FEEDBACK", "ramp", "single_turn", "single_turn_in", "multi_turn", "own_credit", "faulty", "digit_share"]
 
 FEEDBACK = "Now write more digits."
-BEHAVIOURS = ("ok", "raise", "ok", "hang")
 
 
 def digit_share(text: str) -> float:
@@ -36,11 +35,7 @@ def ramp(num_sampled: int) -> list[float]:
     return [0.25 - 0.01 * j for j in range(num_sampled)]
 
 
-class DigitsData(vf.TaskData):
-    behaviour: str = "ok"
-
-
-class DigitsTask(vf.Task[DigitsData, vf.State, vf.TaskConfig]):
+class DigitsTask(vf.Task[vf.TaskData, vf.State, vf.TaskConfig]):
     @vf.reward
     async def digits(self, trace) -> float:
         replies = [m.content or "" for m in trace.assistant_messages]
@@ -49,8 +44,8 @@ class DigitsTask(vf.Task[DigitsData, vf.State, vf.TaskConfig]):
 
 class DigitsTaskset(vf.Taskset[DigitsTask, vf.TasksetConfig]):
     def load(self):
-        for i, behaviour in enumerate(BEHAVIOURS * 2):
-            yield DigitsTask(DigitsData(id=f"count-{i}", prompt=f"Count from {i}:", behaviour=behaviour), self.config.task)
+        for i in range(8):
+            yield DigitsTask(vf.TaskData(id=f"count-{i}", prompt=f"Count from {i}:"), self.config.task)
 
 
 class MultiTurnConfig(vf.EnvConfig):
@@ -103,10 +98,16 @@ class OwnCreditEnv(RecordingEnv):
 
 
 class FaultyEnv(vf.SingleAgentEnv):
+    """Episode n (counted from 0 as they start) raises when n % 4 == 1 and hangs when n % 8 == 3: any 8
+    episodes in a row hold 3 failures, so every group of 4 still fills within its 8 tries."""
+
+    started = 0
+
     async def run(self, task, agents):
-        if task.data.behaviour == "raise":
-            raise RuntimeError(f"task {task.data.id} exploded on purpose")
-        if task.data.behaviour == "hang":
+        n, self.started = self.started, self.started + 1
+        if n % 4 == 1:
+            raise RuntimeError(f"episode {n} of task {task.data.id} exploded on purpose")
+        if n % 8 == 3:
             await asyncio.sleep(3600)
         await super().run(task, agents)
 

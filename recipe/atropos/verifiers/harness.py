@@ -12,6 +12,10 @@ Loaded by verifiers under the id `HARNESS_ID` (plugins.py registers it).
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+
+import httpx
 import verifiers.v1 as vf
 from openai import AsyncOpenAI
 from verifiers.v1.dialects.chat import message_to_wire
@@ -42,10 +46,27 @@ class InProcessChatHarness(vf.Harness[InProcessChatConfig]):
             messages.append({"role": "user", "content": prompt})
         elif prompt:
             messages.extend(message_to_wire(message) for message in prompt)
-        # No client-side retries: a failed call is the rollout's error, recorded on its trace.
-        async with AsyncOpenAI(base_url=endpoint, api_key=secret, max_retries=0) as client:
-            await client.chat.completions.create(model=ctx.model, messages=messages)
+        # No client-side retries: a failed call is the rollout's error, recorded on its trace. Not closed:
+        # it owns nothing but the shared connection pool.
+        client = AsyncOpenAI(base_url=endpoint, api_key=secret, max_retries=0, http_client=_shared_http_client())
+        await client.chat.completions.create(model=ctx.model, messages=messages)
         return vf.ProgramResult(exit_code=0, stdout="", stderr="")
+
+
+_HTTP_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+
+
+def _shared_http_client() -> httpx.AsyncClient:
+    """One connection pool per event loop for every segment's call. A client of its own per call
+    (the SDK's default) builds a TLS context each time, loading the CA bundle: ~90 ms of CPU per
+    episode, most of a runner's own cost (benchmarks/bench_verifiers_runner.py)."""
+    loop = asyncio.get_running_loop()
+    client = _HTTP_CLIENTS.get(loop)
+    if client is None:
+        # Read timeout unbounded, as verifiers' own clients: the rollout's deadline bounds a call.
+        client = _HTTP_CLIENTS[loop] = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0),
+                                                         limits=httpx.Limits(max_connections=None))
+    return client
 
 
 register("harness", InProcessChatHarness, HARNESS_ID)
