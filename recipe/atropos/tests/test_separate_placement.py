@@ -88,13 +88,15 @@ def test_separate_rollout_serves_during_updates_and_survives_its_servers_death(t
     assert killed is not None
     steps = read_steps(metrics)
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
-
     # The killed server came back once, and the steps after it trained (they need its generation).
     restarts = [s["atropos/async/server_restarts"] for s in steps]
     print("server restarts by step:", restarts)
     assert restarts[KILL_AFTER_STEP - 1] == 0 and restarts[-1] == 1, restarts
     assert "was started again" in trainer.log(limit=10**7)
+    _check_overlap_bound_and_samples(steps, dump_dir)
 
+
+def _check_overlap_bound_and_samples(steps: list[dict], dump_dir) -> None:
     # Generation overlapped the actor's updates: completions recorded inside an update window.
     windows = [(s["atropos/async/update_started_at"], s["atropos/async/update_finished_at"]) for s in steps]
     generated = [t for step in range(1, STEPS + 1) for row in read_jsonl(dump_dir / f"{step}.jsonl")
