@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 CONFIG_DIR = "recipe/atropos/config"
+TREE_LISTING_S = 2.0  # how often a poll lists the processes a Launched started
 
 
 def cpu_trainer_env(assets, metrics_path: Path | None = None, **extra: str) -> dict[str, str]:
@@ -137,6 +138,7 @@ class Launched:
         self.popen = subprocess.Popen(self.argv, cwd=REPO_ROOT, env=env if env is not None else repo_env(),
                                       stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self._tree: list[psutil.Process] = []
+        self._tree_listed_at = -float("inf")
         self.name = " ".join(Path(word).name for word in self.argv[1:3])  # e.g. "-m verl.trainer.main_ppo"
 
     @property
@@ -155,8 +157,13 @@ class Launched:
         """Fails, with its log, when the process has exited (a ``watch`` for the services of a run)."""
         assert self.alive, f"{self.name} exited ({self.returncode}):\n{self.log()}"
 
-    def _remember_tree(self) -> None:
-        """Every process it has started so far (kept: they are reparented once it dies)."""
+    def _remember_tree(self, every_s: float = 0.0) -> None:
+        """Every process it has started so far (kept: they are reparented once it dies). Listing them
+        scans every process of the machine (about 0.1 s under load): polls do it every ``every_s``."""
+        now = time.monotonic()
+        if now - self._tree_listed_at < every_s:
+            return
+        self._tree_listed_at = now
         known = {p.pid for p in self._tree}
         self._tree += [p for p in descendants(self.popen.pid) if p.pid not in known]
 
@@ -173,7 +180,7 @@ class Launched:
             assert time.monotonic() < deadline, f"no {what} within {timeout_s} s:\n{self.log()}"
             if watch is not None:
                 watch()
-            self._remember_tree()
+            self._remember_tree(every_s=TREE_LISTING_S)
             time.sleep(every_s)
 
     def run_to_end(self, timeout_s: float, watch: Callable[[], None] | None = None, every_s: float = 0.2) -> int:
@@ -183,7 +190,7 @@ class Launched:
         while self.alive and time.monotonic() < deadline:
             if watch is not None:
                 watch()
-            self._remember_tree()
+            self._remember_tree(every_s=TREE_LISTING_S)
             time.sleep(every_s)
         if self.alive:
             self.stop()

@@ -6,30 +6,23 @@ model) as a subprocess, reads verl's metrics file as the run goes, and acts on t
 
 from __future__ import annotations
 
-import subprocess
-import time
 
 import pytest
 
 from recipe.atropos.demo.run_report import StepFollower, read_steps
 
-from .conftest import PYTHON, REPO_ROOT, repo_env
+from .conftest import PYTHON, repo_env
+from .e2e_harness import Launched, cpu_trainer_env, tiny_batch, trainer_argv
 from .fault_server import Fault, FaultInjectingServer
 from .servers import ServerProcess, find_free_loopback_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SMALL_RUN = [
-    "data.train_batch_size=4",
-    "actor_rollout_ref.rollout.n=4",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16",
-    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=16",
-    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=16",
+    *tiny_batch(4, 4),
     "trainer.atropos.retry_attempts=2",
     "trainer.atropos.retry_delay=0.1",
     "trainer.atropos.max_wait_time=5",
-    "+ray_kwargs.ray_init.include_dashboard=false",
 ]
 
 
@@ -39,23 +32,9 @@ def _service(port: int) -> ServerProcess:
     return ServerProcess(argv, port=port, env=repo_env())
 
 
-def _trainer(tiny_assets, metrics_path, api_url: str, *overrides: str) -> subprocess.Popen:
-    env = repo_env(
-        VERL_PLATFORM="cpu",
-        VERL_USE_EXTERNAL_MODULES="recipe.atropos.cpu",
-        VERL_FILE_LOGGER_PATH=str(metrics_path),
-        VERL_CPU_MODEL_PATH=str(tiny_assets.model_dir),
-        VERL_CPU_TRAIN_FILES=str(tiny_assets.train_file),
-        VERL_CPU_VAL_FILES=str(tiny_assets.test_file),
-    )
-    argv = [PYTHON, "-m", "verl.trainer.main_ppo", "--config-path", "recipe/atropos/config", "--config-name",
-            "gsm8k_grpo_cpu", f"trainer.atropos.api_url={api_url}", *SMALL_RUN, *overrides]
-    log = open(metrics_path.with_suffix(".log"), "w")
-    return subprocess.Popen(argv, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _output(metrics_path) -> str:
-    return metrics_path.with_suffix(".log").read_text(errors="replace")
+def _trainer(tiny_assets, metrics_path, api_url: str, *overrides: str) -> Launched:
+    argv = trainer_argv("gsm8k_grpo_cpu", f"trainer.atropos.api_url={api_url}", *SMALL_RUN, *overrides)
+    return Launched(argv, metrics_path.with_suffix(".log"), cpu_trainer_env(tiny_assets, metrics_path))
 
 
 @pytest.mark.timeout(420)
@@ -63,27 +42,27 @@ def test_overrides_every_step_then_fallback_while_the_service_is_down_then_resum
     port = find_free_loopback_port()
     service = _service(port).start()
     metrics_path = tmp_path / "metrics.jsonl"
-    trainer = _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}", "trainer.total_training_steps=14")
     follower, seen, restarted, healthy_again_after = StepFollower(metrics_path), [], None, None
+
+    def act_on_steps() -> None:
+        nonlocal restarted, healthy_again_after
+        for step in follower.new_steps():
+            seen.append(step)
+            if step["step"] == 2 and service.process.poll() is None:
+                service.stop()  # killed mid-run (step 3's request may already be out)
+            if step["step"] == 5:
+                restarted = _service(port).start()
+                # Steps logged by now may have asked while it was down; the one after next asks later.
+                healthy_again_after = max(s["step"] for s in read_steps(metrics_path))
+
     try:
-        deadline = time.monotonic() + 360
-        while trainer.poll() is None and time.monotonic() < deadline:
-            for step in follower.new_steps():
-                seen.append(step)
-                if step["step"] == 2 and service.process.poll() is None:
-                    service.stop()  # killed mid-run (step 3's request may already be out)
-                if step["step"] == 5:
-                    restarted = _service(port).start()
-                    # Steps logged by now may have asked while it was down; the one after next asks later.
-                    healthy_again_after = max(s["step"] for s in read_steps(metrics_path))
-            time.sleep(0.2)
+        with _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}", "trainer.total_training_steps=14") as trainer:
+            trainer.run_to_end(timeout_s=360, watch=act_on_steps)
     finally:
-        if trainer.poll() is None:
-            trainer.kill()
         service.stop()
         if restarted is not None:
             restarted.stop()
-    assert trainer.returncode == 0, _output(metrics_path)[-5000:]
+    trainer.assert_exit(0)
     steps = {s["step"]: s for s in read_steps(metrics_path)}
     assert sorted(steps) == list(range(1, 15))  # training went on through the outage
     for n in (1, 2):  # the service's advantages on every step while it is up
@@ -99,7 +78,7 @@ def test_overrides_every_step_then_fallback_while_the_service_is_down_then_resum
     for n in resumed:
         assert steps[n]["atropos/fallback"] == 0.0 and steps[n]["atropos/override_fraction"] == 1.0, n
     assert steps[14]["atropos/fallback_steps_total"] >= 2
-    output = _output(metrics_path)
+    output = trainer.log(limit=10**7)
     assert output.count("using standard GRPO until it answers again") == 1  # one warning per outage
     assert "answers again after" in output
 
@@ -108,10 +87,10 @@ def test_overrides_every_step_then_fallback_while_the_service_is_down_then_resum
 def test_without_fallback_a_missing_service_stops_the_run_before_training(tiny_assets, tmp_path):
     port = find_free_loopback_port()  # nothing listens there
     metrics_path = tmp_path / "metrics.jsonl"
-    trainer = _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}",
-                       "trainer.atropos.fallback_to_grpo=false", "trainer.total_training_steps=2")
-    trainer.wait(200)
-    output = _output(metrics_path)
+    with _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}",
+                  "trainer.atropos.fallback_to_grpo=false", "trainer.total_training_steps=2") as trainer:
+        trainer.run_to_end(timeout_s=200)
+    output = trainer.log(limit=10**7)
     assert trainer.returncode != 0
     assert f"environment service at http://127.0.0.1:{port} does not answer /health" in output
     assert "fallback_to_grpo=true" in output
@@ -125,10 +104,10 @@ def test_token_lists_of_the_wrong_length_stop_the_run_before_any_update(tiny_ass
     with FaultInjectingServer() as server:
         server.inject("/evaluate_and_compute_advantages", Fault(status=200, body=wrong), times=100)
         metrics_path = tmp_path / "metrics.jsonl"
-        trainer = _trainer(tiny_assets, metrics_path, server.url,
-                           "trainer.atropos.fallback_to_grpo=false", "trainer.total_training_steps=2")
-        trainer.wait(240)
-    output = _output(metrics_path)
+        with _trainer(tiny_assets, metrics_path, server.url,
+                      "trainer.atropos.fallback_to_grpo=false", "trainer.total_training_steps=2") as trainer:
+            trainer.run_to_end(timeout_s=240)
+    output = trainer.log(limit=10**7)
     assert trainer.returncode != 0
     assert "AtroposProtocolError" in output and "999 token advantages for a response of" in output
     # Raised in the trainer's `_update_actor` before verl's update: no step was ever logged.

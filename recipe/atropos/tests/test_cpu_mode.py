@@ -25,6 +25,7 @@ from recipe.atropos.tests.cpu_probe import PROBE_OUTPUT_ENV, PROBE_TEXT
 from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
+from .e2e_harness import Launched
 
 CPU_CONFIG_DIR = REPO_ROOT / "recipe/atropos/config"
 CPU_MODE_ENV = {"VERL_PLATFORM": "cpu", "VERL_USE_EXTERNAL_MODULES": "recipe.atropos.cpu"}
@@ -351,10 +352,11 @@ def test_three_grpo_steps_of_verls_trainer_on_cpu(tiny_assets, tokenizer, tmp_pa
         "+ray_kwargs.ray_init.include_dashboard=false",
     ]  # fmt: skip
     started = time.monotonic()
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=280)
+    with Launched(command, tmp_path / "trainer.log", env) as trainer:
+        trainer.run_to_end(timeout_s=280)
     wall_s = time.monotonic() - started
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
+    trainer.assert_exit(0)
+    output = trainer.log(limit=10**7)
     assert "LLMServerManager: ['127.0.0.1:" in output  # the replica's OpenAI endpoint, on loopback
 
     # Metrics of every step went through verl's Tracking to the file backend.

@@ -18,9 +18,7 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import requests
@@ -32,7 +30,8 @@ from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.launcher.config import load_launcher_config
 from recipe.atropos.launcher.plan import build_plan
 from recipe.atropos.demo.run_report import environment_rewards, read_steps, reward_curves
-from recipe.atropos.tests.conftest import PYTHON, REPO_ROOT, repo_env
+from recipe.atropos.tests.conftest import PYTHON, REPO_ROOT
+from recipe.atropos.tests.e2e_harness import Launched, logged_steps
 from recipe.atropos.tests.servers import LOOPBACK_HOST, find_free_loopback_port, start_server_process
 from recipe.atropos.tests.test_launcher import (
     FAST,
@@ -216,23 +215,16 @@ def test_mixed_demo_trains_both_environments_and_survives_one_killed_mid_run(tmp
     samples fall back to GRPO until the launcher has restarted it, the GSM8K samples never do, and
     the run ends with both environments' curves in reward.png."""
     out, steps_wanted = tmp_path / "demo", 12
-    demo = subprocess.Popen(
-        [PYTHON, "-m", "recipe.atropos.demo", "--config", "mixed_grpo_cpu", "--out", str(out),
-         f"trainer.total_training_steps={steps_wanted}"],
-        cwd=REPO_ROOT, env=repo_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    try:
-        metrics, deadline = out / "metrics.jsonl", time.monotonic() + 600
-        while not (metrics.exists() and read_steps(metrics)):
-            assert demo.poll() is None and time.monotonic() < deadline, "the demo ended before its first step"
-            time.sleep(0.2)
+    argv = [PYTHON, "-m", "recipe.atropos.demo", "--config", "mixed_grpo_cpu", "--out", str(out),
+            f"trainer.total_training_steps={steps_wanted}"]
+    metrics = out / "metrics.jsonl"
+    with Launched(argv, tmp_path / "demo.log") as demo:
+        demo.wait_until(lambda: logged_steps(metrics), "the demo's first step", timeout_s=600)
         services = json.loads((out / "launch" / "services.json").read_text())["services"]
         os.killpg(services["environment-reasoning_gym"]["pid"], signal.SIGKILL)
-        output, _ = demo.communicate(timeout=600)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-    assert demo.returncode == 0, output[-6000:]
+        demo.run_to_end(timeout_s=600)
+    demo.assert_exit(0)
+    output = demo.log(limit=10**7)
     steps = read_steps(metrics)
     assert [s["step"] for s in steps] == list(range(1, steps_wanted + 1))
     # Both environments had rows in every step (drawn by weight 0.5 / 0.5), and each scored its own
