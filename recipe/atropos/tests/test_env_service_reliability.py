@@ -42,11 +42,22 @@ def test_a_client_leaving_while_its_body_is_read_is_abandoned_not_a_500(service)
     """An ordinary client timeout mid-upload is counted in requests_abandoned: no 500, no traceback."""
     before = health(service)
     body = wire.encode({"prompts": ["p"] * 200, "responses": ["\\boxed{1}"] * 200, "ground_truths": ["1"] * 200})
+    counted = before["requests_abandoned"]
     for path in (EVALUATE, "/register_inference_endpoint"):
-        with socket.create_connection((LOOPBACK_HOST, service.port), timeout=10) as raw:
-            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-            raw.sendall(head.encode() + body[: len(body) // 3])
-            time.sleep(0.3)  # the service is now reading the body
+        # A client that leaves before the service has begun reading its body is never seen by it: the
+        # hold grows until the service counts this one (0.3 s was enough on a quiet machine, not at
+        # load 40, where the service had not read the headers yet).
+        for hold_s in (0.3, 1.0, 3.0, 6.0):
+            with socket.create_connection((LOOPBACK_HOST, service.port), timeout=10) as raw:
+                head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                raw.sendall(head.encode() + body[: len(body) // 3])
+                time.sleep(hold_s)
+            deadline = time.monotonic() + 5.0
+            while time.monotonic() < deadline and health(service)["requests_abandoned"] <= counted:
+                time.sleep(0.1)
+            if health(service)["requests_abandoned"] > counted:
+                counted = health(service)["requests_abandoned"]
+                break
     after = _wait_for(
         lambda: (h := health(service))["requests_abandoned"] >= before["requests_abandoned"] + 2 and h,
         "counting both abandoned requests",
