@@ -17,12 +17,13 @@ from .conftest import PYTHON, REPO_ROOT, repo_env
 
 @pytest.mark.ray
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_demo_learns_and_cleans_up(tmp_path):
     out = tmp_path / "demo"
+    # A hang guard only: about 3 minutes on 2 cores; 9.5 minutes with the machine shared at load 55.
     result = subprocess.run(
         [PYTHON, "-m", "recipe.atropos.demo", "--check", "--out", str(out)],
-        cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=560,
+        cwd=REPO_ROOT, env=repo_env(), capture_output=True, text=True, timeout=840,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     steps = read_steps(out / "metrics.jsonl")
@@ -32,7 +33,7 @@ def test_demo_learns_and_cleans_up(tmp_path):
     # seeds (docs/cpu_mode.md#did-it-learn): +0.059 to +0.118, mean 0.091, sd 0.016; the threshold 0.02 is
     # 4.4 sd below: a false failure has probability 6e-6 (normal fit), 7e-4 (predictive t, 11 df).
     validation = read_validation(out / "metrics.jsonl")
-    assert list(validation) == [0, DEFAULT_STEPS]
+    assert list(validation) == [0, DEFAULT_STEPS - 10, DEFAULT_STEPS]
     summary = summarize(steps, validation=validation)
     assert summary.heldout_gain >= MIN_HELDOUT_GAIN, summary.lines()
     assert summary.fallback_steps == 0 and all(s["atropos/override_fraction"] == 1.0 for s in steps)
