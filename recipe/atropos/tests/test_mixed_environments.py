@@ -215,8 +215,9 @@ def test_mixed_demo_trains_both_environments_and_survives_one_killed_mid_run(tmp
     samples fall back to GRPO until the launcher has restarted it, the GSM8K samples never do, and
     the run ends with both environments' curves in reward.png."""
     out, steps_wanted = tmp_path / "demo", 12
+    # No held-out evaluation (the demo's before and after training): this test is not about learning.
     argv = [PYTHON, "-m", "recipe.atropos.demo", "--config", "mixed_grpo_cpu", "--out", str(out),
-            f"trainer.total_training_steps={steps_wanted}"]
+            f"trainer.total_training_steps={steps_wanted}", "trainer.val_before_train=false", "trainer.test_freq=-1"]
     metrics = out / "metrics.jsonl"
     with Launched(argv, tmp_path / "demo.log") as demo:
         demo.wait_until(lambda: logged_steps(metrics), "the demo's first step", timeout_s=600)
