@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -35,7 +33,8 @@ pytest.importorskip("vllm", reason="needs vLLM's CPU build: `make install-vllm`,
 
 from recipe.atropos.demo.run_report import read_jsonl, read_steps  # noqa: E402
 
-from .conftest import REPO_ROOT, repo_env  # noqa: E402
+from .conftest import REPO_ROOT  # noqa: E402
+from .e2e_harness import Launched, cpu_trainer_env, gateway_health  # noqa: E402
 from .ramp_advantage_env import ramp  # noqa: E402
 from .servers import find_free_loopback_port  # noqa: E402
 
@@ -48,18 +47,13 @@ SERVING = re.compile(r"engine \(CPU\) serving .* OpenAI API at (http://\S+)/v1")
 PROBE_PROMPT = "Question: what is 3 + 4?\nAnswer:"
 
 
-def _launch(config: str, tmp_path: Path, assets, *overrides: str) -> tuple[subprocess.Popen, Path]:
+def _launch(config: str, tmp_path: Path, assets, *overrides: str) -> tuple[Launched, Path]:
     run_dir = tmp_path / "run"
-    env = repo_env(
-        VERL_PLATFORM="cpu", VERL_USE_EXTERNAL_MODULES="recipe.atropos.cpu",
-        VERL_FILE_LOGGER_PATH=str(tmp_path / "metrics.jsonl"), VERL_CPU_MODEL_PATH=str(assets.model_dir),
-        VERL_CPU_TRAIN_FILES=str(assets.train_file), VERL_CPU_VAL_FILES=str(assets.test_file), WANDB_MODE="disabled",
-    )
-    launcher = subprocess.Popen(
+    launcher = Launched(
         [sys.executable, str(LAUNCHER), "--config", str(CONFIGS / config), "--run-dir", str(run_dir), "+cpu=gpu_example",
          f"trainer.total_training_steps={STEPS}", "+ray_kwargs.ray_init.include_dashboard=false",
          "++ray_kwargs.ray_init.address=local", "launcher.poll_interval_s=0.2", *overrides],
-        cwd=REPO_ROOT, env=env, stdout=open(tmp_path / "launcher.log", "wb"), stderr=subprocess.STDOUT,
+        tmp_path / "launcher.log", cpu_trainer_env(assets, tmp_path / "metrics.jsonl"),
     )
     return launcher, run_dir
 
@@ -101,18 +95,18 @@ def test_evaluate_mode_gpu_example_new_weights_reach_vllm_every_step(tiny_assets
     )
     metrics_path = tmp_path / "metrics.jsonl"
     answers: list[tuple[int, tuple]] = []  # (steps logged so far, vLLM's greedy answer), when it changed
-    try:
-        url, deadline = None, time.monotonic() + 800
-        while launcher.poll() is None and time.monotonic() < deadline:
-            url = url or _vllm_url(run_dir)
-            answer = _greedy_answer(url) if url else None
-            if answer is not None and (not answers or answers[-1][1] != answer):
-                logged = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
-                answers.append((logged, answer))
-            time.sleep(0.2)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+    url = None
+
+    def ask_vllm() -> None:
+        nonlocal url
+        url = url or _vllm_url(run_dir)
+        answer = _greedy_answer(url) if url else None
+        if answer is not None and (not answers or answers[-1][1] != answer):
+            logged = len(metrics_path.read_text().splitlines()) if metrics_path.exists() else 0
+            answers.append((logged, answer))
+
+    with launcher:
+        launcher.run_to_end(timeout_s=800, watch=ask_vllm)
     logs = _logs(tmp_path, run_dir)
     assert launcher.returncode == 0, logs
     assert url is not None, logs  # verl's vLLM server said where it serves
@@ -176,22 +170,20 @@ def test_trajectory_mode_gpu_example_through_the_gateway_in_front_of_vllm(tiny_a
     )
     gateway = f"http://127.0.0.1:{gateway_port}"
     seen, openai_answers, native = [], None, None
-    try:
-        deadline = time.monotonic() + 800
-        while launcher.poll() is None and time.monotonic() < deadline:
-            try:
-                seen.append(requests.get(f"{gateway}/health", timeout=2).json())
-            except (requests.RequestException, ValueError):
-                time.sleep(0.5)
-                continue
-            if openai_answers is None and seen[-1]["gate"] == "open":
-                openai_answers = _openai_client_answers(f"{gateway}/v1")
-                native = requests.post(f"{gateway}/generate", timeout=60, json={
-                    "prompt": {"prompt_token_ids": [1, 2, 3]}, "n": 2, "max_tokens": 4, "logprobs": 0}).json()
-            time.sleep(0.1)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
+
+    def ask_gateway() -> None:
+        nonlocal openai_answers, native
+        health = gateway_health(gateway_port)
+        if health is None:
+            return
+        seen.append(health)
+        if openai_answers is None and health["gate"] == "open":
+            openai_answers = _openai_client_answers(f"{gateway}/v1")
+            native = requests.post(f"{gateway}/generate", timeout=60, json={
+                "prompt": {"prompt_token_ids": [1, 2, 3]}, "n": 2, "max_tokens": 4, "logprobs": 0}).json()
+
+    with launcher:
+        launcher.run_to_end(timeout_s=800, watch=ask_gateway, every_s=0.1)
     logs = _logs(tmp_path, run_dir)
     assert launcher.returncode == 0, logs
     assert "engine (CPU) serving" in (run_dir / "trainer.log").read_text(errors="replace")
