@@ -102,3 +102,14 @@ def test_the_journal_lives_beside_verl_s_checkpoints_when_the_run_saves_them(tmp
     assert BehaviorJournal.for_run(not_saving, records) is None  # nothing written where nothing is saved
     (tmp_path / "other" / FOLDER).mkdir(parents=True)  # a run it resumes from left one: read it
     assert BehaviorJournal.for_run(not_saving, records) is not None
+
+
+def test_a_journal_that_cannot_be_written_stops_with_a_warning_and_generation_goes_on(tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    records = journaled_records(blocker / "journal")  # cannot be created (a disk full fails the same way)
+    with caplog.at_level("WARNING"):
+        records.new_version(0)
+        recorded(records, 0, [1, 2])
+    assert records.lookup([1, 2]).version == 0  # recorded in memory, no error to the gateway's route
+    assert records.journal.failed and "journal" in caplog.text and "unmatched_samples" in caplog.text

@@ -19,10 +19,13 @@ write, in the page cache before the environment has the answer: a killed process
   groups are beyond any staleness bound and dropped (``atropos/dropped_groups/stale``); their
   log-probs, which a correction would need, died with the process.
 - **Bounded:** files of versions more than ``keep_versions`` behind the one being opened are deleted.
+- **Never in generation's way:** a folder that cannot be written (disk full, read-only) stops the
+  journal with one warning; the gateway goes on recording in memory.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -30,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 FOLDER = "atropos_behavior"
 _FILE = re.compile(r"^v(-?\d+)\.u64$")
@@ -44,6 +49,7 @@ class BehaviorJournal:
         self.directory = Path(directory)
         self.keep_versions = keep_versions
         self.started = False
+        self.failed: str | None = None  # why the journal stopped, if it did
         self._fds: dict[int, int] = {}  # version -> file descriptor (O_APPEND)
 
     @classmethod
@@ -60,39 +66,56 @@ class BehaviorJournal:
         """The first version the gateway opens with: 0 (or unknown) starts empty; N > 0 is a resume,
         whose hashes are returned (version -> sorted uint64)."""
         self.started = True
-        if not version:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            if not version:
+                shutil.rmtree(self.directory, ignore_errors=True)
             self.directory.mkdir(parents=True, exist_ok=True)
+            previous = {}
+            for path in self.directory.iterdir() if version else ():
+                found = _FILE.match(path.name)
+                if found:
+                    previous[int(found.group(1))] = np.sort(np.fromfile(path, dtype=np.uint64))
+            return previous
+        except OSError as exc:
+            self._fail(exc)
             return {}
-        self.directory.mkdir(parents=True, exist_ok=True)
-        previous = {}
-        for path in self.directory.iterdir():
-            found = _FILE.match(path.name)
-            if found:
-                hashes = np.fromfile(path, dtype=np.uint64)
-                previous[int(found.group(1))] = np.sort(hashes)
-        return previous
 
     def append(self, version: int | None, key_hash: int) -> None:
         """One completion recorded at ``version`` (None: weights of unknown step, never journaled)."""
-        if version is None:
+        if version is None or self.failed:
             return
-        fd = self._fds.get(version)
-        if fd is None:
-            fd = self._fds[version] = os.open(self.directory / f"v{version}.u64", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        os.write(fd, int(key_hash).to_bytes(8, "little"))
+        try:
+            fd = self._fds.get(version)
+            if fd is None:
+                path = self.directory / f"v{version}.u64"
+                fd = self._fds[version] = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            os.write(fd, int(key_hash).to_bytes(8, "little"))
+        except OSError as exc:
+            self._fail(exc)
 
     def new_version(self, version: int | None) -> None:
         """The servers now hold ``version``: files (and open files) of versions more than
         ``keep_versions`` behind it are let go."""
-        if version is None:
+        if version is None or self.failed:
             return
         for old in [v for v in self._fds if v < version - self.keep_versions]:
             os.close(self._fds.pop(old))
-        for path in self.directory.glob("v*.u64"):
-            found = _FILE.match(path.name)
-            if found and int(found.group(1)) < version - self.keep_versions:
-                path.unlink(missing_ok=True)
+        try:
+            for path in self.directory.glob("v*.u64"):
+                found = _FILE.match(path.name)
+                if found and int(found.group(1)) < version - self.keep_versions:
+                    path.unlink(missing_ok=True)
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError) -> None:
+        self.failed = f"{type(exc).__name__}: {exc}"
+        self.close()
+        logger.warning(
+            "the behaviour records' journal in %s stopped (%s): a trainer resumed from a later checkpoint will not "
+            "know what this gateway generated, and trains it as unmatched (trainer.atropos.unmatched_samples)",
+            self.directory, self.failed,
+        )
 
     def close(self) -> None:
         for fd in self._fds.values():
