@@ -7,7 +7,8 @@ runner loads as `recipe.atropos.tests.vf_test_envs:<name>`:
 - `multi_turn`: three policy turns, the environment's text between them (`FEEDBACK`, a user turn).
 - `own_credit`: single-turn, and the environment assigns its own per-token advantages in `finalize`
   (`ramp`): the trainer must use exactly these.
-- `single_turn` and `own_credit` take `record_to`: a JSON-lines file each finished episode is appended to.
+- `single_turn` and `own_credit` take `record_to`: a JSON-lines file each finished episode is appended to;
+  `own_credit(even_tasks_only=True)` credits only the even tasks itself, GRPO the others.
 - `faulty`: some episodes raise in the environment, some hang, the others play normally.
 """
 
@@ -88,12 +89,18 @@ class RecordingEnv(vf.SingleAgentEnv):
 
 
 class OwnCreditEnv(RecordingEnv):
+    """Assigns `ramp` to the sampled tokens of every episode, or with `even_tasks_only` of the episodes of
+    tasks count-0, count-2, ... (the others are credited by GRPO over their rewards)."""
+
+    even_tasks_only = False
+
     async def finalize(self, task, episode):
-        for trace in episode.traces:
-            for node in trace.nodes:
-                sampled = sum(node.mask)
-                if sampled:
-                    node.advantages = ramp(sampled)
+        if not self.even_tasks_only or int(task.data.id.rsplit("-", 1)[1]) % 2 == 0:
+            for trace in episode.traces:
+                for node in trace.nodes:
+                    sampled = sum(node.mask)
+                    if sampled:
+                        node.advantages = ramp(sampled)
         self.record(episode)
 
 
@@ -138,8 +145,10 @@ def multi_turn() -> vf.Env:
     return MultiTurnEnv(_config(MultiTurnConfig))
 
 
-def own_credit(record_to: str | None = None) -> vf.Env:
-    return _recording(OwnCreditEnv, record_to)
+def own_credit(record_to: str | None = None, even_tasks_only: bool = False) -> vf.Env:
+    env = _recording(OwnCreditEnv, record_to)
+    env.even_tasks_only = even_tasks_only
+    return env
 
 
 def faulty() -> vf.Env:

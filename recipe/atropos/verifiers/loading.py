@@ -61,7 +61,10 @@ def _from_callable(where: str, target: str, env_args: dict[str, Any]) -> vf.Env:
     if not callable(factory):
         raise EpisodeSpecError(f"{where}.env: {module_name!r} has no callable {attr!r}; fix: name the function "
                                "that returns the vf.Env (`package.module:callable`)")
-    env = factory(**env_args)
+    try:
+        env = factory(**env_args)
+    except TypeError as exc:  # arguments it does not take
+        raise EpisodeSpecError(f"{where}.env_args: {target}(**{env_args!r:.200}) failed: {exc}") from exc
     if not isinstance(env, vf.Env):
         raise EpisodeSpecError(f"{where}.env: {target}(**env_args) returned {type(env).__name__}, not a vf.Env")
     return env
@@ -71,11 +74,13 @@ def _from_id(where: str, env_id: str, env_args: dict[str, Any]) -> vf.EnvConfig:
     raw = {**env_args, "taskset": {**dict(env_args.get("taskset") or {}), "id": env_id}}
     try:
         return vf.resolve_env_config(raw)
-    except ModuleNotFoundError as exc:
+    except ImportError as exc:  # not installed, or installed without what it imports
         raise EpisodeSpecError(
-            f"{where}.env: verifiers finds no environment {env_id!r} ({exc}); fix: install its package into the "
-            "runner's venv before the run (pip install into .venv; nothing is installed while training), or give "
-            "`package.module:callable`") from exc
+            f"{where}.env: verifiers cannot load the environment {env_id!r} ({exc}); fix: install its package (with "
+            "its extras) into the runner's venv before the run (pip install into .venv; nothing is installed while "
+            "training), or give `package.module:callable`") from exc
+    except ValueError as exc:  # pydantic's ValidationError included
+        raise EpisodeSpecError(f"{where}.env_args: not a valid config of {env_id!r}: {exc}") from exc
 
 
 def _localized_agent(where: str, role: str, agent: vf.AgentConfig, taskset_id: str) -> vf.AgentConfig:
