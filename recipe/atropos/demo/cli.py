@@ -121,8 +121,9 @@ def _total_steps(overrides: list[str]) -> int:
 
 def held_out_test_freq(total_steps: int) -> int:
     """verl validates at every multiple of trainer.test_freq and at the last step: at S-10 and S for a
-    run of S >= 20 steps (run_report.HELDOUT_WINDOW), at S alone for one of 10 or fewer."""
-    return total_steps - HELDOUT_WINDOW if total_steps > HELDOUT_WINDOW else total_steps
+    run of S >= 20 steps (run_report.HELDOUT_WINDOW), at S alone for a shorter one (S-10 would divide
+    it more often: every 2 steps for 12)."""
+    return total_steps - HELDOUT_WINDOW if total_steps >= 2 * HELDOUT_WINDOW else total_steps
 
 
 def run(out: Path, overrides: list[str], rollout: str = "hf", config: Path = CONFIG) -> int:

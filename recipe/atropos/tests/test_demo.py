@@ -9,7 +9,7 @@ import subprocess
 import psutil
 import pytest
 
-from recipe.atropos.demo.cli import DEFAULT_STEPS
+from recipe.atropos.demo.cli import DEFAULT_STEPS, held_out_test_freq
 from recipe.atropos.demo.run_report import MIN_HELDOUT_GAIN, read_steps, read_validation, summarize
 
 from .conftest import PYTHON, REPO_ROOT, repo_env
@@ -48,3 +48,10 @@ def test_demo_learns_and_cleans_up(tmp_path):
     pids = [service["pid"] for service in services.values()]
     assert set(services) == {"environment", "trainer"}
     assert not [pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("steps,validated", [(30, [20, 30]), (20, [10, 20]), (12, [12]), (3, [3])])
+def test_the_demo_validates_at_s_minus_10_and_s_or_at_s_alone(steps, validated):
+    # verl validates at every multiple of trainer.test_freq and at the last step.
+    freq = held_out_test_freq(steps)
+    assert [k for k in range(1, steps + 1) if k % freq == 0 or k == steps] == validated
