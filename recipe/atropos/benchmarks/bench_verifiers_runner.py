@@ -211,6 +211,45 @@ def memory_per_100(model_dir: str, data_path: str) -> float:
     return rss[101] - rss[1]
 
 
+def throughput_table(args, server_url: str, gateway: ServerProcess, api_url: str, model_dir: str,
+                     data_path: str) -> None:
+    """Print episodes/s and CPU per episode of both sides at each concurrency (best of `repeats`)."""
+    import psutil
+
+    gateway_process = psutil.Process(gateway.process.pid)
+
+    def measured(coroutine) -> tuple[float, float, float]:
+        """(episodes/s, CPU ms per episode of this process, of the gateway's process)."""
+        cpu, gateway_cpu = time.process_time(), sum(gateway_process.cpu_times()[:2])
+        rate = asyncio.run(coroutine)
+        return (rate, 1000 * (time.process_time() - cpu) / args.episodes,
+                1000 * (sum(gateway_process.cpu_times()[:2]) - gateway_cpu) / args.episodes)
+
+    def eval_side(concurrency: int) -> tuple[float, float, float]:
+        return measured(eval_loop(server_url, data_path, concurrency, args.episodes))
+
+    def runner_side(concurrency: int) -> tuple[float, float, float]:
+        return measured(runner(f"{gateway.url}/v1", api_url, model_dir, data_path, concurrency, args.episodes))
+
+    if args.no_cache:
+        import recipe.atropos.verifiers.runner as runner_module
+
+        runner_module.cache_default_factory_checks = lambda: None
+    eval_side(args.concurrency[0]), runner_side(args.concurrency[0])  # warm-up: imports, first-use costs
+    print(f"policy: {args.policy}; {args.episodes} episodes per measurement, best of {args.repeats} (after a warm-up)")
+    print(f"{'concurrency':>11} {'vf-eval ep/s':>13} {'runner ep/s':>12} {'runner/eval time':>17} "
+          f"{'CPU ms/ep: vf-eval':>19} {'runner':>7} {'gateway':>8}")
+    for concurrency in args.concurrency:
+        best_eval, best_runner = (0.0, 1e9), (0.0, 1e9, 1e9)
+        for _ in range(args.repeats):
+            rate, cpu, _ = eval_side(concurrency)
+            best_eval = (max(best_eval[0], rate), min(best_eval[1], cpu))
+            rate, cpu, gateway_cpu = runner_side(concurrency)
+            best_runner = (max(best_runner[0], rate), min(best_runner[1], cpu), min(best_runner[2], gateway_cpu))
+        print(f"{concurrency:>11} {best_eval[0]:>13.1f} {best_runner[0]:>12.1f} {best_eval[0] / best_runner[0]:>16.2f}x "
+              f"{best_eval[1]:>19.1f} {best_runner[1]:>7.1f} {best_runner[2]:>8.1f}", flush=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=256, help="episodes per measurement")
@@ -234,8 +273,6 @@ def main() -> int:
 
         args.assets = str(build_assets(tempfile.mkdtemp(prefix="bench-verifiers-"), num_train=64, num_test=8).model_dir.parent)
     model_dir, data_path = f"{args.assets}/model", f"{args.assets}/data/train.parquet"
-    import psutil
-
     from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 
     if args.policy == "stub":
@@ -252,38 +289,7 @@ def main() -> int:
         client = AtroposRunAPIClient(api.url, timeout=5, retry_attempts=1, max_wait_time=5)
         client.register_trainer(batch_size=GROUP, max_token_len=256, num_steps=10**6)
         client.get_batch()  # run-api takes environments once the trainer asked for a batch
-        gateway_process = psutil.Process(gateway.process.pid)
-
-        def measured(coroutine) -> tuple[float, float, float]:
-            """(episodes/s, CPU ms per episode of this process, of the gateway's process)."""
-            cpu, gateway_cpu = time.process_time(), sum(gateway_process.cpu_times()[:2])
-            rate = asyncio.run(coroutine)
-            return (rate, 1000 * (time.process_time() - cpu) / args.episodes,
-                    1000 * (sum(gateway_process.cpu_times()[:2]) - gateway_cpu) / args.episodes)
-
-        def eval_side(concurrency: int) -> tuple[float, float, float]:
-            return measured(eval_loop(server.url, data_path, concurrency, args.episodes))
-
-        def runner_side(concurrency: int) -> tuple[float, float, float]:
-            return measured(runner(f"{gateway.url}/v1", api.url, model_dir, data_path, concurrency, args.episodes))
-
-        if args.no_cache:
-            import recipe.atropos.verifiers.runner as runner_module
-
-            runner_module.cache_default_factory_checks = lambda: None
-        eval_side(args.concurrency[0]), runner_side(args.concurrency[0])  # warm-up: imports, first-use costs
-        print(f"policy: {args.policy}; {args.episodes} episodes per measurement, best of {args.repeats} (after a warm-up)")
-        print(f"{'concurrency':>11} {'vf-eval ep/s':>13} {'runner ep/s':>12} {'runner/eval time':>17} "
-              f"{'CPU ms/ep: vf-eval':>19} {'runner':>7} {'gateway':>8}")
-        for concurrency in args.concurrency:
-            best_eval, best_runner = (0.0, 1e9, 0.0), (0.0, 1e9, 1e9)
-            for _ in range(args.repeats):
-                rate, cpu, _ = eval_side(concurrency)
-                best_eval = (max(best_eval[0], rate), min(best_eval[1], cpu), 0.0)
-                rate, cpu, gateway_cpu = runner_side(concurrency)
-                best_runner = (max(best_runner[0], rate), min(best_runner[1], cpu), min(best_runner[2], gateway_cpu))
-            print(f"{concurrency:>11} {best_eval[0]:>13.1f} {best_runner[0]:>12.1f} {best_eval[0] / best_runner[0]:>16.2f}x "
-                  f"{best_eval[1]:>19.1f} {best_runner[1]:>7.1f} {best_runner[2]:>8.1f}", flush=True)
+        throughput_table(args, server.url, gateway, api.url, model_dir, data_path)
         print(f"runner memory per 100 episodes in flight: {memory_per_100(model_dir, data_path):.1f} MiB")
     finally:
         for process in (gateway, api, server):

@@ -100,6 +100,33 @@ def _grpo(scores: list[float]) -> np.ndarray:
     return (r - r.mean()) / (r.std(ddof=1) + 1e-6)
 
 
+def _check_group(name: str, group: dict, server_url: str, tokenizer) -> None:
+    """One pushed group of environment `name`, as the trainer will read it."""
+    assert len(group["tokens"]) == GROUP
+    for tokens, mask, logprobs, advantages in zip(group["tokens"], group["masks"], group["inference_logprobs"],
+                                                  group["advantages"]):
+        trained = [i for i, m in enumerate(mask) if m != IGNORE_INDEX]
+        assert trained and all(mask[i] == tokens[i] for i in trained)  # masks name the sampled token ids
+        assert all(logprobs[i] == 1.0 for i, m in enumerate(mask) if m == IGNORE_INDEX)
+        assert all(advantages[i] == 0.0 for i, m in enumerate(mask) if m == IGNORE_INDEX)
+        # The behaviour log-probs are the policy's for exactly these tokens in exactly this context.
+        scored = _server_logprobs(server_url, tokens)
+        assert max(abs(logprobs[i] - scored[i]) for i in trained) < LOGPROB_TOL
+        runs = _runs(mask)
+        if name == "multi_turn":
+            assert len(runs) == 3  # three policy turns
+            between = [tokenizer.decode(tokens[a_end:b_start]) for (_, a_end), (b_start, _) in zip(runs, runs[1:])]
+            assert all(FEEDBACK in text for text in between), between
+        else:
+            assert len(runs) == 1
+        if name == "own_credit":
+            assert [advantages[i] for i in trained] == pytest.approx(ramp(len(trained)), abs=1e-6)
+    if name != "own_credit":  # GRPO over the group's rewards, on every sampled token
+        for row, mask, a in zip(group["advantages"], group["masks"], _grpo(group["scores"])):
+            assert [row[i] for i, m in enumerate(mask) if m != IGNORE_INDEX] == pytest.approx(
+                [a] * sum(m != IGNORE_INDEX for m in mask), abs=1e-6)
+
+
 @pytest.mark.timeout(300)
 def test_runner_pushes_exact_groups_of_four_verifiers_environments(loopback_parts, tiny_assets, caplog, tmp_path):
     from transformers import PreTrainedTokenizerFast
@@ -128,30 +155,7 @@ def test_runner_pushes_exact_groups_of_four_verifiers_environments(loopback_part
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tiny_assets.model_dir))
     for name, env_groups in by_env.items():
         for group in env_groups:
-            assert len(group["tokens"]) == GROUP
-            for tokens, mask, logprobs, advantages in zip(group["tokens"], group["masks"], group["inference_logprobs"],
-                                                          group["advantages"]):
-                trained = [i for i, m in enumerate(mask) if m != IGNORE_INDEX]
-                assert trained and all(mask[i] == tokens[i] for i in trained)  # masks name the sampled token ids
-                assert all(logprobs[i] == 1.0 for i, m in enumerate(mask) if m == IGNORE_INDEX)
-                assert all(advantages[i] == 0.0 for i, m in enumerate(mask) if m == IGNORE_INDEX)
-                # The behaviour log-probs are the policy's for exactly these tokens in exactly this context.
-                scored = _server_logprobs(server.url, tokens)
-                assert max(abs(logprobs[i] - scored[i]) for i in trained) < LOGPROB_TOL
-                runs = _runs(mask)
-                if name == "multi_turn":
-                    assert len(runs) == 3  # three policy turns
-                    between = [tokenizer.decode(tokens[a_end:b_start]) for (_, a_end), (b_start, _) in zip(runs, runs[1:])]
-                    assert all(FEEDBACK in text for text in between), between
-                else:
-                    assert len(runs) == 1
-                if name == "own_credit":
-                    assert [advantages[i] for i in trained] == pytest.approx(ramp(len(trained)), abs=1e-6)
-            if name != "own_credit":  # GRPO over the group's rewards, on every sampled token
-                expected = _grpo(group["scores"])
-                for row, mask, a in zip(group["advantages"], group["masks"], expected):
-                    assert [row[i] for i, m in enumerate(mask) if m != IGNORE_INDEX] == pytest.approx(
-                        [a] * sum(m != IGNORE_INDEX for m in mask), abs=1e-6)
+            _check_group(name, group, server.url, tokenizer)
     assert all(g["group_overrides"]["episode_stats"]["turns_mean"] == 3.0 for g in by_env["multi_turn"])
 
     # The faulty environment's failures: counted by kind, logged with the task and the error.
