@@ -96,6 +96,11 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, startup_timeout_s: float = 60.0) -> ServerProcess:
+        """Spawn the process and wait until it answers ``health_path``."""
+        return self.spawn().wait_ready(startup_timeout_s)
+
+    def spawn(self) -> ServerProcess:
+        """Start the process without waiting for it to answer (then :meth:`wait_ready`)."""
         env = dict(os.environ if self._env is None else self._env)
         # The repo root first, as in the project's own runs (see pyproject.toml).
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
@@ -105,6 +110,10 @@ class ServerProcess:
         self.process = subprocess.Popen(
             self.argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=self._cwd, start_new_session=True
         )
+        return self
+
+    def wait_ready(self, startup_timeout_s: float = 60.0) -> ServerProcess:
+        """Wait until the spawned process answers ``health_path``; stop it if it does not."""
         try:
             wait_for_http_ok(self.url + self.health_path, startup_timeout_s, process=self.process, log_path=self.log_path)
         except BaseException:

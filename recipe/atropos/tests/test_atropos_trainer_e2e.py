@@ -6,6 +6,7 @@ model) as a subprocess, reads verl's metrics file as the run goes, and acts on t
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 
@@ -26,9 +27,25 @@ SMALL_RUN = [
 ]
 
 
+SERVE_ARGS = ["serve", "--slurm", "false", "--host", "127.0.0.1", "--env.token_level", "true"]
+
+# A restarted service that has already imported everything and waits for its flag file: a cold
+# start under CI load took as long as 7 fallback steps (the trainer raced past step 12 before it
+# answered), leaving too few steps to see it trained on again.
+_STANDBY = """
+import pathlib, sys, time
+import uvicorn  # noqa: F401
+from recipe.atropos.environments.gsm8k import GSM8KEnvironment
+from recipe.atropos.environments.service import main
+flag = pathlib.Path(sys.argv[1])
+while not flag.exists():
+    time.sleep(0.02)
+sys.exit(main(GSM8KEnvironment, sys.argv[2:]))
+"""
+
+
 def _service(port: int) -> ServerProcess:
-    argv = [PYTHON, "-m", "recipe.atropos.environments.gsm8k_server", "serve", "--slurm", "false",
-            "--host", "127.0.0.1", "--port", str(port), "--env.token_level", "true"]
+    argv = [PYTHON, "-m", "recipe.atropos.environments.gsm8k_server", *SERVE_ARGS, "--port", str(port)]
     return ServerProcess(argv, port=port, env=repo_env())
 
 
@@ -37,44 +54,58 @@ def _trainer(tiny_assets, metrics_path, api_url: str, *overrides: str) -> Launch
     return Launched(argv, metrics_path.with_suffix(".log"), cpu_trainer_env(tiny_assets, metrics_path))
 
 
+def _standby_service(port: int, flag: Path) -> ServerProcess:
+    """A replacement for the service on ``port``, spawned now, serving once ``flag`` exists (then
+    ``wait_ready()``: until then /health on ``port`` is the first service's)."""
+    argv = [PYTHON, "-c", _STANDBY, str(flag), *SERVE_ARGS, "--port", str(port)]
+    return ServerProcess(argv, port=port, env=repo_env()).spawn()
+
+
 @pytest.mark.timeout(420)
 def test_overrides_every_step_then_fallback_while_the_service_is_down_then_resume(tiny_assets, tmp_path):
     port = find_free_loopback_port()
     service = _service(port).start()
     metrics_path = tmp_path / "metrics.jsonl"
-    follower, seen, restarted, healthy_again_after = StepFollower(metrics_path), [], None, None
+    follower, killed_after, healthy_again_after = StepFollower(metrics_path), None, None
+    flag = tmp_path / "serve-again"
+    restarted = _standby_service(port, flag)
+
+    def logged_now() -> int:
+        # Read after an event: steps from this one + 2 on asked after it (a step asks once the
+        # step before it is logged).
+        return max(s["step"] for s in read_steps(metrics_path))
 
     def act_on_steps() -> None:
-        nonlocal restarted, healthy_again_after
+        nonlocal killed_after, healthy_again_after
         for step in follower.new_steps():
-            seen.append(step)
-            if step["step"] == 2 and service.process.poll() is None:
-                service.stop()  # killed mid-run (step 3's request may already be out)
-            if step["step"] == 5:
-                restarted = _service(port).start()
-                # Steps logged by now may have asked while it was down; the one after next asks later.
-                healthy_again_after = max(s["step"] for s in read_steps(metrics_path))
+            if step["step"] >= 2 and killed_after is None:
+                service.stop()  # killed mid-run (the next step's request may already be out)
+                killed_after = logged_now()
+            if killed_after is not None and healthy_again_after is None and step["step"] >= killed_after + 3:
+                flag.touch()
+                restarted.wait_ready(startup_timeout_s=300)
+                healthy_again_after = logged_now()
 
     try:
         with _trainer(tiny_assets, metrics_path, f"http://127.0.0.1:{port}", "trainer.total_training_steps=14") as trainer:
             trainer.run_to_end(timeout_s=360, watch=act_on_steps)
     finally:
         service.stop()
-        if restarted is not None:
-            restarted.stop()
+        restarted.stop()
     trainer.assert_exit(0)
     steps = {s["step"]: s for s in read_steps(metrics_path)}
     assert sorted(steps) == list(range(1, 15))  # training went on through the outage
     for n in (1, 2):  # the service's advantages on every step while it is up
         assert steps[n]["atropos/override_fraction"] == 1.0 and steps[n]["atropos/fallback"] == 0.0, n
         assert steps[n]["atropos/env/accuracy"] >= 0.0 and steps[n]["atropos/api_latency_s"] > 0
-    # Down from the end of step 2 until step 5 is logged: the steps that asked meanwhile fall back.
-    for n in (4, 5):
+    # Down: the steps that asked after the kill and before the restart fall back (two at least).
+    down = range(killed_after + 2, killed_after + 4)
+    for n in down:
         assert steps[n]["atropos/fallback"] == 1.0 and steps[n]["atropos/override_fraction"] == 0.0, n
-    # Back (restarted as step 5 was logged): every step that asked once it was healthy again has
-    # overrides again.
+        assert steps[n]["atropos/fallback/unavailable"] == 1.0, n
+    # Back: every step that asked once it was healthy again has overrides again.
     resumed = range(healthy_again_after + 2, 15)
-    assert len(resumed) >= 2, healthy_again_after
+    assert len(resumed) >= 2, (killed_after, healthy_again_after)
     for n in resumed:
         assert steps[n]["atropos/fallback"] == 0.0 and steps[n]["atropos/override_fraction"] == 1.0, n
     assert steps[14]["atropos/fallback_steps_total"] >= 2
