@@ -34,7 +34,6 @@ from recipe.atropos.evaluate.mode import EvaluateMode
 from recipe.atropos.grpo_computer import AtroposGRPOComputer
 from recipe.atropos.metrics_file import file_logger_keeping_history, keep_steps_up_to, metrics_path
 from recipe.atropos.trajectory.mode import TrajectoryMode
-from recipe.atropos.trajectory.rollout import GENERATED_AT
 
 
 class RayGRPOAtroposTrainer(RayPPOTrainer):
@@ -112,7 +111,6 @@ class RayGRPOAtroposTrainer(RayPPOTrainer):
             "trained_token_ids": [ids[m].tolist() for ids, m in zip(batch.batch["responses"], mask_BT)],
             "advantages": [adv[m].tolist() for adv, m in zip(batch.batch["advantages"], mask_BT)],
         }
-        if GENERATED_AT in batch.non_tensor_batch:  # trajectory mode: when the gateway recorded each completion
-            trained["generated_at"] = [None if t != t else float(t) for t in batch.non_tensor_batch[GENERATED_AT]]
-        batch = self.atropos_mode.rollout_dump(batch)
+        batch, columns = self.atropos_mode.rollout_dump(batch)
+        trained.update(columns)
         super()._log_rollout_data(batch, {**reward_extra_infos_dict, **trained}, timing_raw, rollout_data_dir)

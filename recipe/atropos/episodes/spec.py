@@ -5,7 +5,7 @@
         type: verifiers        # the kind: recipe/atropos/<type>/spec.py extends EpisodeEnvSpec
         group_size: 4          # episodes per task; must equal actor_rollout_ref.rollout.n
         concurrency: 8         # episodes in flight at once
-        weight: 1.0            # its share of the training batches (run-api's weight)
+        weight: 1.0            # run-api's weight (min_batch_allocation fixes a share of every batch)
         ...                    # the kind's own keys
 
 Each kind's spec is a pydantic model with `extra="forbid"`; `load_spec` turns a validation error into
@@ -42,7 +42,9 @@ class EpisodeEnvSpec(BaseModel):
     type: str = Field(description="the kind: verifiers or openenv")
     group_size: int = Field(default=4, ge=1, description="episodes per task; equal to actor_rollout_ref.rollout.n")
     concurrency: int = Field(default=8, ge=1, description="episodes in flight at once")
-    weight: float = Field(default=1.0, gt=0, description="share of the training batches (run-api's weight)")
+    weight: float = Field(default=1.0, gt=0, description=(
+        "run-api's weight, sent at registration (atroposlib environments scale their inference use by "
+        "it; a runner plays `concurrency` episodes whatever it is): fix shares with min_batch_allocation"))
     min_batch_allocation: float | None = Field(default=None, ge=0, le=1,
                                                description="least fraction of every batch from this entry")
     episode_timeout_s: float = Field(default=600.0, gt=0, description="an episode past it is lost (counted)")

@@ -68,8 +68,9 @@ class EvaluateMode:
         metrics["atropos/timing_s/submit"], self._submit_s = self._submit_s, 0.0
         return metrics
 
-    def rollout_dump(self, batch: DataProto) -> DataProto:
-        return batch
+    def rollout_dump(self, batch: DataProto) -> tuple[DataProto, dict[str, list]]:
+        """The batch verl dumps (``trainer.rollout_data_dir``) and this mode's columns for it: none."""
+        return batch, {}
 
     def close(self) -> None:
         self.feedback.close()  # no request outlives the run

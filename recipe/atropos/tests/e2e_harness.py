@@ -29,7 +29,7 @@ API
   watch=None)`` (fails with the log if the process exits first), ``run_to_end(timeout_s, watch=None,
   every_s=0.2)`` (polls until it exits, calling ``watch()`` each time; at the deadline it is stopped
   and the test fails),
-  ``crash(grace_s=10)`` (SIGKILL to the process alone, as a crash would; what it started, Ray's
+  ``crash(grace_s=3)`` (SIGKILL to the process alone, as a crash would; what it started, Ray's
   processes included, is killed if still there after ``grace_s``), ``stop()`` (SIGTERM, then SIGKILL, to
   the whole tree), ``assert_exit(code, *others)`` (on failure, the logs of it and of ``others``,
   Launched or servers.ServerProcess).
@@ -197,7 +197,7 @@ class Launched:
             raise AssertionError(f"{self.name} still running after {timeout_s:g} s:\n{self.log()}")
         return self.popen.wait()
 
-    def crash(self, grace_s: float = 10.0) -> list[str]:
+    def crash(self, grace_s: float = 3.0) -> list[str]:
         """SIGKILL to this process alone, as the OOM killer or a lost node would. The processes it
         started exit on their own (Ray's fate sharing) or are killed after ``grace_s``; returns those
         (Ray's dashboard and runtime-env agents outlive their raylet by about a minute)."""
@@ -285,13 +285,14 @@ def wait_for_trajectory_trainer(trainer: Launched, api_url: str, policy_port: in
 
 
 def start_atropos_env(script: str, assets, api_url: str, policy_port: int, log_path: Path, *extra: str,
-                      group_size: int = 4, max_tokens: int = 16) -> Launched:
+                      group_size: int = 4, max_tokens: int = 16, data_path: Path | None = None) -> Launched:
     """One of this repo's atroposlib environments (``recipe/atropos/...py serve``) on the tiny model,
-    generating through the gateway (``server_type: vllm``, served name ``tiny``), pushing to run-api."""
+    generating through the gateway (``server_type: vllm``, served name ``tiny``), pushing to run-api;
+    its problems from ``data_path`` (default the assets' training set)."""
     argv = [sys.executable, script, "serve", "--slurm", "false",
             "--openai.base_url", f"http://127.0.0.1:{policy_port}/v1", "--openai.model_name", "tiny",
             "--openai.api_key", "x", "--openai.server_type", "vllm", "--openai.tokenizer_name", str(assets.model_dir),
-            "--env.tokenizer_name", str(assets.model_dir), "--env.data_path", str(assets.train_file),
+            "--env.tokenizer_name", str(assets.model_dir), "--env.data_path", str(data_path or assets.train_file),
             "--env.rollout_server_url", api_url, "--env.group_size", str(group_size),
             "--env.max_response_tokens", str(max_tokens), "--env.use_wandb", "false",
             "--env.ensure_scores_are_not_same", "false", *extra]

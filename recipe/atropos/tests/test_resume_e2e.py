@@ -70,7 +70,7 @@ def test_evaluate_mode_resumes_from_its_checkpoint_after_a_kill(tiny_assets, tmp
             # Step 3 logged, step 4's answer held by the service: the trainer cannot get further.
             killed.wait_until(lambda: logged_steps(metrics) == [1, 2, 3] and "holding the first request of step 4"
                               in service.log_text(), "step 3 logged and step 4 waiting", timeout_s=400)
-            killed.crash()
+            print("left after the kill:", killed.crash())
         history, killed_step3 = _history(metrics, CHECKPOINT), read_jsonl(dump / "3.jsonl")
         assert _latest_checkpoint(checkpoints) == CHECKPOINT
         with Launched(argv, tmp_path / "resumed.log", env) as resumed:
@@ -127,7 +127,7 @@ def test_trajectory_mode_resumes_and_drops_what_was_generated_before_the_kill(ti
 
             killed.wait_until(lambda: logged_steps(metrics) == [1, 2, 3] and _queued(api.url) == 1,
                               "step 3 logged and half a batch in run-api", timeout_s=400, watch=environment_alive)
-            killed.crash()
+            print("left after the kill:", killed.crash())
         assert _queued(api.url) == 1 and gateway_health(policy_port) is None
         history = _history(metrics, CHECKPOINT)
         with Launched(argv, tmp_path / "resumed.log", env) as resumed:

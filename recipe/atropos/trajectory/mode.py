@@ -33,10 +33,10 @@ from recipe.atropos.config import AtroposTrainerConfig
 from recipe.atropos.grpo_computer import AdvantageOverrides, AtroposGRPOComputer
 from recipe.atropos.trajectory.behavior_journal import BehaviorJournal
 from recipe.atropos.trajectory.gateway import PolicyGateway, check_port_free
-from recipe.atropos.trajectory.metrics import environment_metrics, episode_metrics
+from recipe.atropos.trajectory.metrics import env_label, environment_metrics, episode_metrics
 from recipe.atropos.trajectory import weight_sync
 from recipe.atropos.placement.weight_sync import CLASS_PATH as SEPARATED_CLASS_PATH
-from recipe.atropos.trajectory.rollout import OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
+from recipe.atropos.trajectory.rollout import GENERATED_AT, OVERRIDE_MASK, OVERRIDES, TrajectoryRolloutManager, group_uids
 from recipe.atropos.trajectory.runapi_client import AtroposRunAPIClient
 from recipe.atropos.trajectory.scored_data import TrajectoryLimits
 from recipe.atropos.trajectory.staleness import BEHAVIOR_MATCHED, check_rollout_correction, fill_unmatched
@@ -157,11 +157,21 @@ class TrajectoryMode:
         stats = batch.non_tensor_batch.get(EPISODE_STATS_KEY)
         return metrics if stats is None else {**metrics, **episode_metrics(list(env_ids), list(stats))}
 
-    def rollout_dump(self, batch: DataProto) -> DataProto:
+    def rollout_dump(self, batch: DataProto) -> tuple[DataProto, dict[str, list]]:
+        """The batch verl dumps (``trainer.rollout_data_dir``) and this mode's columns for it: when the
+        gateway recorded each completion (``generated_at``) and the environment it came from
+        (``environment``: the name it registered or its entry's, as in the per-environment metrics)."""
         # The environments' samples only joined the dataloader's rows (which drive `fit()`): that
         # row's ground truth is not theirs, so it is left out of the dump.
         non_tensors = {k: v for k, v in batch.non_tensor_batch.items() if k != "reward_model"}
-        return DataProto(batch=batch.batch, non_tensor_batch=non_tensors, meta_info=batch.meta_info)
+        columns: dict[str, list] = {}
+        if GENERATED_AT in non_tensors:
+            columns["generated_at"] = [None if t != t else float(t) for t in non_tensors[GENERATED_AT]]
+        if ENV_ID_KEY in non_tensors:
+            env_ids = non_tensors[ENV_ID_KEY]
+            names = self.env_names.lookup(env_ids)
+            columns["environment"] = [env_label(e, names) for e in env_ids]
+        return DataProto(batch=batch.batch, non_tensor_batch=non_tensors, meta_info=batch.meta_info), columns
 
     def close(self) -> None:
         if self.gateway is not None:
