@@ -41,29 +41,25 @@ class EpisodeStats:
     def __init__(self) -> None:
         self.total: Counter[str] = Counter()
         self._since: Counter[str] = Counter()
-        self._turns: list[int] = []
-        self._tokens: list[int] = []
 
     def count(self, key: str, n: int = 1) -> None:
         self.total[key] += n
         self._since[key] += n
 
     def episode(self, episode: Episode) -> None:
+        """One episode played to the end (counted; the benchmarks time episodes here)."""
         self.count("episodes")
-        self._turns.append(episode.num_turns)
-        self._tokens.append(episode.num_sampled)
 
     def take(self, group: list[Episode]) -> dict[str, float]:
-        """The group's statistics plus the counters since the last group (then reset)."""
+        """The counters since the last group (then reset), plus the pushed group's own means: over its
+        episodes, not over those finished since the last push (which can be none)."""
         taken = {k: float(v) for k, v in self._since.items()}
         taken.update(
             group_reward_mean=sum(e.reward for e in group) / len(group),
-            turns_mean=sum(self._turns) / max(len(self._turns), 1),
-            tokens_mean=sum(self._tokens) / max(len(self._tokens), 1),
+            turns_mean=sum(e.num_turns for e in group) / len(group),
+            tokens_mean=sum(e.num_sampled for e in group) / len(group),
         )
         self._since.clear()
-        self._turns.clear()
-        self._tokens.clear()
         return taken
 
 
@@ -123,7 +119,8 @@ async def _play_one(spec: EpisodeEnvSpec, task: Any, task_id: str, attempt: int,
                     semaphore: asyncio.Semaphore, stats: EpisodeStats) -> Episode | None:
     async with semaphore:
         try:
-            episode = await asyncio.wait_for(play(task, attempt), timeout=spec.episode_timeout_s)
+            async with asyncio.timeout(spec.episode_timeout_s):  # no task per episode, as wait_for starts
+                episode = await play(task, attempt)
             if episode is None:
                 raise EpisodeFailed("no_trace", "the episode returned nothing to train on")
         except EpisodeFailed as exc:

@@ -164,6 +164,23 @@ def test_failed_episodes_are_counted_logged_and_replaced(caplog):
     assert all(s["turns_mean"] == 1 and s["tokens_mean"] == 1 for s in sent)
 
 
+@settings(max_examples=30, deadline=None)
+@given(groups=st.lists(st.lists(st.lists(turn, min_size=1, max_size=4), min_size=1, max_size=4), min_size=1, max_size=3),
+       finished_before=st.integers(0, 8))
+def test_each_pushed_group_reports_its_own_turns_and_tokens(groups, finished_before):
+    """turns_mean and tokens_mean are the pushed group's own, however many episodes of other groups
+    finished since the last push; the episode counter is what finished since then."""
+    stats = EpisodeStats()
+    for group_turns in groups:
+        group = [play([1], turns) for turns in group_turns]
+        for _ in range(finished_before):
+            stats.episode(group[0])
+        taken = stats.take(group)
+        assert taken["turns_mean"] == pytest.approx(np.mean([len(t) for t in group_turns]))
+        assert taken["tokens_mean"] == pytest.approx(np.mean([sum(len(a) for a, *_ in t) for t in group_turns]))
+        assert taken.get("episodes", 0) == finished_before
+
+
 def test_an_entry_with_a_wrong_field_names_it(monkeypatch):
     monkeypatch.setitem(EPISODE_KINDS, "plain", "recipe.atropos.episodes.spec:EpisodeEnvSpec")
     assert load_spec("arith", {"type": "plain", "group_size": 8}).group_size == 8
