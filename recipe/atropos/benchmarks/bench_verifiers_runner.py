@@ -158,7 +158,8 @@ async def runner(policy_url: str, run_api: str, model_dir: str, data_path: str, 
 
     spec = load_spec("bench", {"type": "verifiers", "env": "recipe.atropos.verifiers.examples.arithmetic:make_env",
                                "env_args": {"data_path": data_path}, "group_size": GROUP, "concurrency": concurrency,
-                               "max_tokens": 24, "max_token_length": 256, "max_groups": max(episodes // GROUP, 2)})
+                               "max_tokens": 24, "max_token_length": 256, "max_groups": max(episodes // GROUP, 2),
+                               "max_batches_offpolicy": 0})  # no trainer takes them
     await run(RunnerArgs("bench", policy_url, run_api, model_dir), spec, TimedStats())
     return timed.rate()
 

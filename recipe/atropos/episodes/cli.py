@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -66,6 +67,18 @@ def parse_args(kind: str, argv: Sequence[str] | None = None) -> tuple[RunnerArgs
     return runner, spec
 
 
+async def _until_terminated(main: Awaitable[object]) -> bool:
+    """Run `main`; SIGTERM (the launcher stopping the run) cancels it, so that its `finally` blocks run:
+    the runner leaves run-api and stops what it started. False when it was stopped so."""
+    task = asyncio.ensure_future(main)
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        await task
+    except asyncio.CancelledError:
+        return False
+    return True
+
+
 def runner_main(kind: str, run: Callable[[RunnerArgs, EpisodeEnvSpec], Awaitable[object]],
                 argv: Sequence[str] | None = None) -> int:
     """Parse, check and run; exit 2 on a spec or start-up error (the message says what to fix)."""
@@ -77,7 +90,8 @@ def runner_main(kind: str, run: Callable[[RunnerArgs, EpisodeEnvSpec], Awaitable
         print(f"{kind} runner: {exc}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(run(runner, spec))
+        if not asyncio.run(_until_terminated(run(runner, spec))):
+            return 128 + signal.SIGTERM
     except EpisodeSpecError as exc:  # the kind's own start-up checks (imports, endpoints)
         print(f"{kind} runner {runner.name!r}: {exc}", file=sys.stderr)
         return 2

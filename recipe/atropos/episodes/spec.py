@@ -47,6 +47,10 @@ class EpisodeEnvSpec(BaseModel):
         "it; a runner plays `concurrency` episodes whatever it is): fix shares with min_batch_allocation"))
     min_batch_allocation: float | None = Field(default=None, ge=0, le=1,
                                                description="least fraction of every batch from this entry")
+    max_batches_offpolicy: int = Field(
+        default=2, ge=0, description="start no new group while run-api holds this many of the trainer's batches "
+                                     "(atroposlib's environments: 3), so groups are not trained on stale weights; 0: "
+                                     "no bound")
     episode_timeout_s: float = Field(default=600.0, gt=0, description="an episode past it is lost (counted)")
     max_attempts_factor: int = Field(default=2, ge=1, description="a group gets group_size x this many tries")
     credit: Literal["outcome", "process"] = Field(

@@ -25,7 +25,6 @@ from recipe.atropos.openenv.child_server import ChildServer
 from recipe.atropos.openenv.link import ServerLink
 from recipe.atropos.openenv.player import EpisodePlayer, Task
 from recipe.atropos.openenv.rendering import ChatRenderer, ObservationPrompt
-from recipe.atropos.openenv.runahead import BoundedPusher
 from recipe.atropos.openenv.session import fetch_json, wait_until_healthy
 from recipe.atropos.openenv.spec import OpenEnvSpec
 
@@ -74,10 +73,10 @@ async def run(args: RunnerArgs, spec: OpenEnvSpec, stats: EpisodeStats | None = 
         supervisor = asyncio.create_task(child.supervise()) if child else None
         link = ServerLink(url, args.name, stats, reset_timeout_s=spec.step_timeout_s,
                           reconnect_max_wait_s=spec.reconnect_max_wait_s)
-        pusher = BoundedPusher(RunApiPusher(args.run_api_url, name=args.name, group_size=spec.group_size,
-                                            max_token_length=spec.max_token_length, weight=spec.weight,
-                                            min_batch_allocation=spec.min_batch_allocation, api_key=args.run_api_key),
-                               spec.max_batches_offpolicy)
+        pusher = RunApiPusher(args.run_api_url, name=args.name, group_size=spec.group_size,
+                              max_token_length=spec.max_token_length, weight=spec.weight,
+                              min_batch_allocation=spec.min_batch_allocation, api_key=args.run_api_key,
+                              max_batches_offpolicy=spec.max_batches_offpolicy)
         # Registered before the first episode (run-api answers once the trainer asked for a batch): nothing
         # is generated for a trainer that is not there yet, and run-api reserves this entry's
         # min_batch_allocation from the first batch on, not from its first group.

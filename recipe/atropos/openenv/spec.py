@@ -62,10 +62,6 @@ class OpenEnvSpec(EpisodeEnvSpec):
     step_timeout_s: float = Field(default=60.0, gt=0, description="a reset or step unanswered this long loses the episode")
     parse_penalty: float = Field(default=0.0, description="the step reward of an answer that cannot be played (no "
                                                           "action parsed, or VALIDATION_ERROR); the episode ends there")
-    max_batches_offpolicy: int = Field(
-        default=2, ge=0, description="stop starting groups while run-api holds this many of the trainer's batches "
-                                     "(atroposlib's environments: 3), so groups are not trained on stale weights; 0: "
-                                     "no bound")
     reconnect_max_wait_s: float = Field(default=600.0, gt=0,
                                         description="how long an episode waits for an unreachable or full server")
     credit: Literal["outcome", "process"] = Field(

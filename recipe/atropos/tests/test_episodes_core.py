@@ -208,19 +208,80 @@ def test_a_runner_registers_with_run_api_once_however_many_groups_push_at_once()
         episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
         payload = scored_data([episode, episode], group_advantages([episode, episode]), env_name="arith")
 
+        def status_env(env_id: int) -> int:
+            return requests.get(f"{api.url}/status-env", json={"env_id": env_id}, timeout=30).status_code
+
         async def push_four():
             pusher = RunApiPusher(api.url, name="arith", group_size=2, max_token_length=64)
             await asyncio.gather(*(pusher.push(payload) for _ in range(4)))
+            # run-api knows env 0 only (a second registration would be env 1; run-api fails on an unknown id).
+            assert [await asyncio.to_thread(status_env, i) for i in (0, 1)] == [200, 500]
             await pusher.close()
             return pusher
 
         pusher = asyncio.run(push_four())
         assert pusher.env_id == 0 and pusher.pushed_groups == 4
-        # run-api knows env 0 only (a second registration would be env 1; run-api fails on an unknown id).
-        assert requests.get(f"{api.url}/status-env", json={"env_id": 0}, timeout=30).status_code == 200
-        assert requests.get(f"{api.url}/status-env", json={"env_id": 1}, timeout=30).status_code == 500
         batch = requests.get(f"{api.url}/batch", timeout=30).json()["batch"]
         assert len(batch) == 2 and all(g["group_overrides"]["env_name"] == "arith" for g in batch)
+    finally:
+        api.stop()
+
+
+def test_a_runner_waits_for_the_trainer_and_leaves_no_registration_behind():
+    """The launcher's run-api (atroposlib's plus GET /envs): with max_batches_offpolicy=1 a runner holds
+    its next group until the trainer takes a batch; a runner restarted under the same name disconnects
+    its earlier registration (whose min_batch_allocation would hold every batch back: run-api forms none
+    while a connected environment with a minimum has nothing queued); closing leaves run-api."""
+    import sys
+
+    import requests
+
+    from recipe.atropos.episodes.runapi import RunApiPusher
+    from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
+
+    port = find_free_loopback_port()
+    api = start_server_process([sys.executable, "-m", "recipe.atropos.launcher.run_api", "--host", "127.0.0.1",
+                                "--port", str(port)], port=port, health_path="/")
+
+    def envs() -> dict[int, bool]:
+        return {e["env_id"]: e["connected"] for e in requests.get(f"{api.url}/envs", timeout=30).json()["envs"]}
+
+    def batch() -> list | None:
+        return requests.get(f"{api.url}/batch", timeout=30).json()["batch"]
+
+    try:
+        requests.post(f"{api.url}/register", json={"wandb_group": "g", "wandb_project": "p", "batch_size": 4,
+                                                   "max_token_len": 64, "checkpoint_dir": "", "save_checkpoint_interval": 0,
+                                                   "starting_step": 0, "num_steps": 10}, timeout=30).raise_for_status()
+        assert batch() is None  # the trainer has started: environments may register
+        episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
+        payload = scored_data([episode, episode], group_advantages([episode, episode]), env_name="arith")
+
+        def pusher() -> RunApiPusher:
+            return RunApiPusher(api.url, name="arith", group_size=2, max_token_length=64, min_batch_allocation=0.5,
+                                max_batches_offpolicy=1, poll_s=0.05)
+
+        async def bounded_then_restarted():
+            first = pusher()
+            await first.push(payload)  # half a batch queued: room for more
+            third = asyncio.ensure_future(first.push(payload))  # a whole batch queued: held after its push
+            await asyncio.sleep(1.0)
+            assert not third.done() and first.pushed_groups == 2
+            assert len(await asyncio.to_thread(batch)) == 2  # the trainer takes it: the runner goes on
+            await asyncio.wait_for(third, 10)
+            # The runner is killed (never closed) and restarted: the new life disconnects the old, whose
+            # minimum would otherwise hold back the batch that the new one's groups make.
+            second = pusher()
+            second.max_batches_offpolicy = 0
+            await second.push(payload)
+            await second.push(payload)
+            assert (first.env_id, second.env_id) == (0, 1) and await asyncio.to_thread(envs) == {0: False, 1: True}
+            assert len(await asyncio.to_thread(batch)) == 2
+            await second.close()
+            assert await asyncio.to_thread(envs) == {0: False, 1: False}
+            await first.session.close()
+
+        asyncio.run(bounded_then_restarted())
     finally:
         api.stop()
 

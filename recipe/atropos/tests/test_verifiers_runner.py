@@ -46,7 +46,8 @@ LOGPROB_TOL = 1e-4
 
 def _spec(name: str) -> dict:
     spec = {"type": "verifiers", "env": f"recipe.atropos.tests.vf_test_envs:{name}", "group_size": GROUP,
-            "concurrency": GROUP, "max_tokens": 8, "max_groups": GROUPS_EACH, "max_token_length": 512}
+            "concurrency": GROUP, "max_tokens": 8, "max_groups": GROUPS_EACH, "max_token_length": 512,
+            "max_batches_offpolicy": 0}  # the test takes the groups once every runner is done
     if name == "faulty":
         spec["episode_timeout_s"] = HANG_TIMEOUT_S
     return spec

@@ -199,7 +199,8 @@ async def run(args: RunnerArgs, spec: VerifiersEnvSpec, stats: EpisodeStats | No
 
     pusher = RunApiPusher(args.run_api_url, name=args.name, group_size=spec.group_size,
                           max_token_length=spec.max_token_length, weight=spec.weight,
-                          min_batch_allocation=spec.min_batch_allocation, api_key=args.run_api_key)
+                          min_batch_allocation=spec.min_batch_allocation, api_key=args.run_api_key,
+                          max_batches_offpolicy=spec.max_batches_offpolicy)
     logger.info("%s: playing %s, %d episodes at once, groups of %d, through %s", args.name, spec.env,
                 spec.concurrency, spec.group_size, args.policy_url)
     try:
