@@ -12,7 +12,6 @@ pushed (runapi.py). The run goes on until the tasks run out or `max_groups` grou
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import math
 from collections import Counter
@@ -77,7 +76,7 @@ async def run_episode_groups(spec: EpisodeEnvSpec, name: str, tasks: Iterable[An
     # Enough groups in flight to keep `concurrency` episodes busy while some groups finish.
     groups_in_flight = math.ceil(spec.concurrency / spec.group_size) + 1
     numbered = enumerate(tasks)
-    pushed = itertools.count(1)
+    left = [spec.max_groups]  # groups still to push (None: no limit), taken before a push's await
     done = asyncio.Event()
 
     async def worker() -> None:
@@ -85,11 +84,16 @@ async def run_episode_groups(spec: EpisodeEnvSpec, name: str, tasks: Iterable[An
             if done.is_set():
                 return
             group = await _play_group(spec, task, task_id_of(task, index), play, semaphore, stats)
-            if group is None or done.is_set():
+            payload = None if group is None or done.is_set() else _scored(spec, name, group, stats)
+            if payload is None:
                 continue
-            await _push_group(spec, name, group, pusher, stats)
-            if spec.max_groups is not None and next(pushed) >= spec.max_groups:
-                done.set()
+            if left[0] is not None:
+                # Counted before the push: groups finishing while another is being pushed cannot overshoot.
+                left[0] -= 1
+                if left[0] == 0:
+                    done.set()
+            await pusher.push(payload)
+            stats.count("pushed_groups")
 
     await asyncio.gather(*(worker() for _ in range(groups_in_flight)))
     return stats
@@ -138,12 +142,13 @@ async def _play_one(spec: EpisodeEnvSpec, task: Any, task_id: str, attempt: int,
     return None
 
 
-async def _push_group(spec: EpisodeEnvSpec, name: str, group: list[Episode], pusher: Pusher, stats: EpisodeStats) -> None:
+def _scored(spec: EpisodeEnvSpec, name: str, group: list[Episode], stats: EpisodeStats) -> dict[str, Any] | None:
+    """The group credited and as run-api's ScoredData, with the counters since the last group; None
+    (counted, logged) when it cannot be credited."""
     try:
         advantages = group_advantages(group, spec.credit, norm_adv_by_std=spec.norm_adv_by_std)
     except ValueError as exc:
         stats.count("dropped_groups")
         logger.warning("task %s: group dropped: %s", group[0].task_id, exc)
-        return
-    await pusher.push(scored_data(group, advantages, env_name=name, stats=stats.take(group)))
-    stats.count("pushed_groups")
+        return None
+    return scored_data(group, advantages, env_name=name, stats=stats.take(group))

@@ -164,6 +164,31 @@ def test_failed_episodes_are_counted_logged_and_replaced(caplog):
     assert all(s["turns_mean"] == 1 and s["tokens_mean"] == 1 for s in sent)
 
 
+@settings(max_examples=25, deadline=None)
+@given(max_groups=st.integers(1, 6), group_size=st.integers(1, 3), concurrency=st.integers(1, 12),
+       push_s=st.sampled_from([0.0, 0.002, 0.01]))
+def test_max_groups_is_exact_however_groups_finish_during_a_push(max_groups, group_size, concurrency, push_s):
+    """`max_groups` groups pushed, not one more, when several groups finish while one is being pushed
+    (a slow run-api): the count is taken before the push."""
+
+    class SlowPusher(RecordingPusher):
+        async def push(self, payload):
+            await asyncio.sleep(push_s)
+            await super().push(payload)
+
+    async def play_one(task, attempt):
+        await asyncio.sleep(0.001 * (attempt % 3))
+        transcript = Transcript([1, 2])
+        transcript.add_completion(Completion((3,), (-0.1,)))
+        return transcript.episode(task["task_id"], reward=float(attempt))
+
+    spec = EpisodeEnvSpec(type="verifiers", group_size=group_size, concurrency=concurrency, max_groups=max_groups)
+    pusher = SlowPusher()
+    tasks = ({"task_id": str(k)} for k in range(10_000))
+    stats = asyncio.run(run_episode_groups(spec, "arith", tasks, play_one, pusher))
+    assert len(pusher.payloads) == stats.total["pushed_groups"] == max_groups
+
+
 @settings(max_examples=30, deadline=None)
 @given(groups=st.lists(st.lists(st.lists(turn, min_size=1, max_size=4), min_size=1, max_size=4), min_size=1, max_size=3),
        finished_before=st.integers(0, 8))
