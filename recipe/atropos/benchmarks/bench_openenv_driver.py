@@ -31,6 +31,7 @@ import time
 import aiohttp
 import psutil
 
+from recipe.atropos.benchmarks.gateway_process import start_gateway_process
 from recipe.atropos.server_process import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
 
 STUB_ANSWER = "So 3+4 = 7.\n#### 7"
@@ -156,12 +157,9 @@ def _servers(model_dir: str, policy: str) -> tuple[list[ServerProcess], str, obj
                                       "--port", str(port), "--served-model-name", "policy"], port=port))
     start_all(*servers)
     policy_url = f"{servers[-1].url}/v1"
-    if policy == "tiny":
-        from recipe.atropos.trajectory.gateway import PolicyGateway
-
-        gateway = PolicyGateway([servers[-1].url], host=LOOPBACK_HOST, port=0).start()
-        gateway.open(0)
-        policy_url = gateway.base_url
+    if policy == "tiny":  # in a process of its own, as in a run (in the trainer's): CPU counted with the servers'
+        gateway = start_gateway_process(servers[-1].url)
+        policy_url = f"{gateway.url}/v1"
     return servers, policy_url, gateway
 
 
@@ -194,6 +192,8 @@ def main() -> int:
         client.register_trainer(batch_size=4, max_token_len=256, num_steps=10**6)
         client.get_batch()  # run-api takes environments once the trainer asked for a batch
         processes = [psutil.Process(), *(psutil.Process(server.process.pid) for server in servers)]
+        if gateway is not None:
+            processes.append(psutil.Process(gateway.process.pid))
 
         def cpu() -> float:
             return sum(sum(p.cpu_times()[:2]) for p in processes)

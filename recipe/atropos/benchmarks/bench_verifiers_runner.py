@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 
+from recipe.atropos.benchmarks.gateway_process import start_gateway_process
 from recipe.atropos.server_process import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
 
 STUB_ANSWER = "So 3+4 = 7.\n#### 7"
@@ -81,17 +82,6 @@ def serve_stub(port: int, model_dir: str, hold: bool = False) -> None:
              "finish_reason": "stop", "logprobs": {"token_logprobs": [-0.5] * len(ids)}}]}
 
     uvicorn.run(app, host=LOOPBACK_HOST, port=port, log_level="warning", access_log=False)
-
-
-def serve_gateway(server_url: str, port: int, open_gate: bool) -> None:
-    """The policy gateway in a process of its own (as in a run, where it lives in the trainer)."""
-    from recipe.atropos.trajectory.gateway import PolicyGateway
-
-    gateway = PolicyGateway([server_url], host=LOOPBACK_HOST, port=port, max_held=4096).start()
-    if open_gate:
-        gateway.open(0)
-    while True:
-        time.sleep(3600)
 
 
 class _Timed:
@@ -168,12 +158,6 @@ def _process(argv: list[str], port: int, health_path: str = "/health") -> Server
     return ServerProcess(argv, port=port, health_path=health_path).start(startup_timeout_s=180)
 
 
-def _gateway(server_url: str, open_gate: bool) -> ServerProcess:
-    port = find_free_loopback_port()
-    return _process([sys.executable, "-m", "recipe.atropos.benchmarks.bench_verifiers_runner", "--serve-gateway",
-                     server_url, str(port), "open" if open_gate else "closed"], port)
-
-
 def _stub(model_dir: str, hold: bool = False) -> ServerProcess:
     port = find_free_loopback_port()
     return _process([sys.executable, "-m", "recipe.atropos.benchmarks.bench_verifiers_runner", "--serve-stub",
@@ -188,7 +172,7 @@ def memory_per_100(model_dir: str, data_path: str) -> float:
     rss = {}
     for concurrency in (1, 101):
         stub = _stub(model_dir, hold=True)
-        gateway = _gateway(stub.url, open_gate=True)
+        gateway = start_gateway_process(stub.url)
         spec = {"type": "verifiers", "env": "recipe.atropos.verifiers.examples.arithmetic:make_env",
                 "env_args": {"data_path": data_path}, "group_size": 1, "concurrency": concurrency, "max_tokens": 24}
         process = subprocess.Popen(
@@ -260,14 +244,10 @@ def main() -> int:
     parser.add_argument("--no-cache", action="store_true", help="without the runner's pydantic cache, on both sides")
     parser.add_argument("--assets", default=None, help="tiny assets folder (model/, data/); default: built here")
     parser.add_argument("--serve-stub", nargs="+", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--serve-gateway", nargs=3, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.serve_stub is not None:
         serve_stub(int(args.serve_stub[0]), args.serve_stub[1], hold=args.serve_stub[2:] == ["hold"])
-        return 0
-    if args.serve_gateway is not None:
-        serve_gateway(args.serve_gateway[0], int(args.serve_gateway[1]), args.serve_gateway[2] == "open")
         return 0
     if args.assets is None:
         from recipe.atropos.demo.tiny_assets import build_assets
@@ -285,7 +265,7 @@ def main() -> int:
     api_port = find_free_loopback_port()
     api = _process([sys.executable, "-m", "atroposlib.cli.run_api", "--host", LOOPBACK_HOST, "--port", str(api_port)],
                    api_port, health_path="/")
-    gateway = _gateway(server.url, open_gate=True)
+    gateway = start_gateway_process(server.url)
     try:
         client = AtroposRunAPIClient(api.url, timeout=5, retry_attempts=1, max_wait_time=5)
         client.register_trainer(batch_size=GROUP, max_token_len=256, num_steps=10**6)
