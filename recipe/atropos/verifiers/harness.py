@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import weakref
 
-import httpx
+import aiohttp
 import verifiers.v1 as vf
-from openai import AsyncOpenAI
 from verifiers.v1.dialects.chat import message_to_wire
 
 from recipe.atropos.verifiers.plugins import register
@@ -46,27 +45,32 @@ class InProcessChatHarness(vf.Harness[InProcessChatConfig]):
             messages.append({"role": "user", "content": prompt})
         elif prompt:
             messages.extend(message_to_wire(message) for message in prompt)
-        # No client-side retries: a failed call is the rollout's error, recorded on its trace. Not closed:
-        # it owns nothing but the shared connection pool.
-        client = AsyncOpenAI(base_url=endpoint, api_key=secret, max_retries=0, http_client=_shared_http_client())
-        await client.chat.completions.create(model=ctx.model, messages=messages)
+        # No client-side retries: a failed call is the rollout's error, recorded on its trace.
+        url = f"{endpoint.rstrip('/')}/chat/completions"
+        body = {"model": ctx.model, "messages": messages}
+        async with _shared_session().post(url, json=body, headers={"Authorization": f"Bearer {secret}"}) as answer:
+            if answer.status != 200:
+                raise RuntimeError(f"the rollout's model endpoint {url} answered HTTP {answer.status}: "
+                                   f"{(await answer.text())[:300]}")
+            await answer.read()
         return vf.ProgramResult(exit_code=0, stdout="", stderr="")
 
 
-_HTTP_CLIENTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, httpx.AsyncClient] = weakref.WeakKeyDictionary()
+_SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
 
 
-def _shared_http_client() -> httpx.AsyncClient:
-    """One connection pool per event loop for every segment's call. A client of its own per call
-    (the SDK's default) builds a TLS context each time, loading the CA bundle: ~90 ms of CPU per
-    episode, most of a runner's own cost (benchmarks/bench_verifiers_runner.py)."""
+def _shared_session() -> aiohttp.ClientSession:
+    """One connection pool per event loop for every segment's call. Not the OpenAI SDK: a client of its
+    own per call builds a TLS context each time (~90 ms of CPU per episode), and one shared httpx pool
+    scans every pooled connection for each request (at 64 episodes in flight, the runner's largest cost,
+    benchmarks/bench_verifiers_runner.py)."""
     loop = asyncio.get_running_loop()
-    client = _HTTP_CLIENTS.get(loop)
-    if client is None:
-        # Read timeout unbounded, as verifiers' own clients: the rollout's deadline bounds a call.
-        client = _HTTP_CLIENTS[loop] = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=30.0),
-                                                         limits=httpx.Limits(max_connections=None))
-    return client
+    session = _SESSIONS.get(loop)
+    if session is None or session.closed:
+        # No total timeout, as verifiers' own clients: the rollout's deadline bounds a call.
+        session = _SESSIONS[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0),
+                                                          connector=aiohttp.TCPConnector(limit=0))
+    return session
 
 
 register("harness", InProcessChatHarness, HARNESS_ID)
