@@ -13,7 +13,8 @@ the tiny model, batch 8 x n 8, 96 + 32 tokens, the same data seed, hence the sam
 - recipe: RayGRPOAtroposTrainer in evaluate mode (the config's `trainer_cls`) with the GSM8K
   environment service (token-level advantages), started once by this script, as the launcher would.
 
-The arms alternate, one whole run each, in pairs (verl then recipe, recipe then verl, ...), so that
+Both arms run with learning rate 0 (the update's work is the same; the weights, and with them the
+responses each arm generates, stay the same distribution). The arms alternate, one whole run each, in pairs (verl then recipe, recipe then verl, ...), so that
 both see the same machine load and a load that drifts favours neither. verl's per-step timings (its file logger) are read back; each run's first
 `--warmup` steps (worker start-up, first compilations) are left out. For each phase, the median over
 all kept steps of each arm, and the ratio recipe / verl (goal: total <= 1.02x):
@@ -124,8 +125,11 @@ def trainer_argv(arm: str, steps: int, rollout: str, api_url: str, extra: list[s
     arm_overrides = ["trainer_cls=null"] if arm == "verl" else [f"trainer.atropos.api_url={api_url}"]
     return [
         sys.executable, "-m", "verl.trainer.main_ppo", "--config-path", str(CONFIG.parent), "--config-name", CONFIG.stem,
-        # Training steps only: no validation, no checkpoints.
-        f"trainer.total_training_steps={steps}", "trainer.val_before_train=false", "trainer.test_freq=-1",
+        # Training steps only: no validation, no checkpoints. Learning rate 0: both arms keep sampling
+        # from the same weights, so their responses (and every phase's work) stay alike; learning, each
+        # arm's policy drifts its own way (the arms train on different advantages) and with it the
+        # response lengths: measured so, hf gave 1.13x and vLLM 0.80x, both lengths, not overhead.
+        f"trainer.total_training_steps={steps}", "actor_rollout_ref.actor.optim.lr=0", "trainer.val_before_train=false", "trainer.test_freq=-1",
         "trainer.save_freq=-1", "+ray_kwargs.ray_init.include_dashboard=false",
         # A Ray of its own (not the last cluster `ray start` recorded in /tmp/ray).
         "++ray_kwargs.ray_init.address=local", *ROLLOUTS[rollout], *arm_overrides, *extra,
