@@ -30,8 +30,9 @@ def test_demo_learns_and_cleans_up(tmp_path):
     assert [s["step"] for s in steps] == list(range(1, DEFAULT_STEPS + 1))
     # Learned: greedy accuracy on the 512 held-out prompts (verl's validation), the mean of steps 20 and
     # 30 minus before training. With learning rate 0 it is exactly 0.000, so this fails (3 runs). Over 13
-    # seeds (docs/cpu_mode.md#did-it-learn): +0.051 to +0.118, mean 0.088, sd 0.019; the threshold 0.01 is
-    # 4.1 sd below: a false failure has probability 2e-5 (normal fit), 1e-3 (predictive t, 12 df).
+    # seeds (docs/cpu_mode.md#did-it-learn): +0.051 to +0.118, mean 0.088, sd 0.019. But ten runs of this
+    # test in a row gave +0.003 to +0.101 (mean 0.063, sd 0.029; one failed): a false failure of ~3%,
+    # above the goal of 1e-3 (open: more training or more validations, measured over repeated runs).
     validation = read_validation(out / "metrics.jsonl")
     assert list(validation) == [0, DEFAULT_STEPS - 10, DEFAULT_STEPS]
     summary = summarize(steps, validation=validation)
