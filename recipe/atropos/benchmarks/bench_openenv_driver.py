@@ -2,7 +2,7 @@
 same policy endpoint, in the same run, at 1, 16 and 64 episodes at once (goal: driver/bare <= 1.1x in time
 per episode).
 
-    /work/shared/bin/loopback-only python -m recipe.atropos.benchmarks.bench_openenv_driver [--episodes 256]
+    loopback-only python -m recipe.atropos.benchmarks.bench_openenv_driver [--episodes 256]
 
 - Server: the CPU demo's arithmetic environment (OpenEnv's server API, uvicorn from .venv-openenv).
 - Policy endpoint: a stub of the gateway's token-in route (`/inference/v1/generate`) in a process of its

@@ -2,7 +2,7 @@
 own evaluation loop on the same policy server, in the same run (goal: runner/eval <= 1.1x in time per
 episode), and the runner's memory per 100 episodes in flight.
 
-    /work/shared/bin/loopback-only python -m recipe.atropos.benchmarks.bench_verifiers_runner [--episodes 256]
+    loopback-only python -m recipe.atropos.benchmarks.bench_verifiers_runner [--episodes 256]
 
 - Environment: the CPU demo's (recipe/atropos/verifiers/examples/arithmetic.py), single-turn, `@vf.reward`.
 - Policy server: a stub in a process of its own answering `/v1/chat/completions` and `/v1/completions`

@@ -44,7 +44,7 @@ API
   in file order, repeats included (``demo.run_report.read_steps`` gives the metrics, one per step).
 - :func:`descendants` ``(pid)`` and :func:`gone` ``(processes)``: a process tree, and whether it has exited.
 
-Run every test that uses it under the loopback-only wrapper (``/work/shared/bin/loopback-only``).
+Run every test that uses it under a loopback-only network namespace (as `.ci/run` does).
 """
 
 from __future__ import annotations
