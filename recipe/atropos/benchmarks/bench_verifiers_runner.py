@@ -18,7 +18,7 @@ Rates are measured from each side's first finished episode to its last (start-up
 warm-up run each (imports, first-use costs), the two alternate `--repeats` times and the best of each
 is reported, with the CPU time per episode of the process measured and of the gateway's process (in a
 run it is the trainer's): on a shared machine CPU time is steadier than wall time. The runner caches one pydantic check for the
-whole process (runner.cache_default_factory_checks, ~2 ms per message node otherwise); the warm-up
+whole process (patches.cache_default_factory_checks, ~2 ms per message node otherwise); the warm-up
 applies it before any measurement, so the evaluation loop here has it too (`--no-cache` leaves it
 out of both sides: verifiers as shipped against the runner without it).
 
@@ -128,7 +128,9 @@ async def eval_loop(server_url: str, data_path: str, concurrency: int, episodes:
             timed.tick()
 
     tasks = list(itertools.islice(itertools.cycle(list(env.taskset.take(64))), episodes))
-    async with env.serving():
+    from recipe.atropos.verifiers.harness import shared_session_scope
+
+    async with shared_session_scope(), env.serving():
         await asyncio.gather(*(one(t) for t in tasks))
     return timed.rate()
 
@@ -217,9 +219,9 @@ def throughput_table(args, server_url: str, gateway: ServerProcess, api_url: str
         return measured(runner(f"{gateway.url}/v1", api_url, model_dir, data_path, concurrency, args.episodes))
 
     if args.no_cache:
-        import recipe.atropos.verifiers.runner as runner_module
+        from recipe.atropos.verifiers import patches
 
-        runner_module.cache_default_factory_checks = lambda: None
+        patches.cache_default_factory_checks = lambda: None
     eval_side(args.concurrency[0]), runner_side(args.concurrency[0])  # warm-up: imports, first-use costs
     print(f"policy: {args.policy}; {args.episodes} episodes per measurement, best of {args.repeats} (after a warm-up)")
     print(f"{'concurrency':>11} {'vf-eval ep/s':>13} {'runner ep/s':>12} {'runner/eval time':>17} "

@@ -10,7 +10,8 @@
    then a summary with the per-step timing breakdown; writes verl's metrics to
    <out>/metrics.jsonl and the plot to <out>/reward.png.
 4. Measures what was learned on held-out prompts: verl's own validation, greedy, on the same 512
-   test prompts before training and at steps S-10 and S (20 and 30).
+   test prompts before training and every 10 steps; "after training" is the mean of the second
+   half's validations (steps 20, 30 and 40 of the 40).
 
 `--config mixed_grpo_cpu` (`make demo ARGS="--config mixed_grpo_cpu"`) trains on two environments at
 once: GSM8K-style problems through the GSM8K service and reasoning-gym's basic_arithmetic through the
@@ -21,7 +22,7 @@ environment's reward (docs/many_environments.md). Its output goes to outputs/dem
 rollout on vLLM's CPU build: config/cpu/vllm.yaml is added to the config (`+cpu=vllm`).
 
 Every process it starts is stopped at the end, on Ctrl-C too (the launcher's supervision).
-`--check` exits 3 unless the greedy held-out accuracy after training (the mean of steps S-10 and S)
+`--check` exits 3 unless the greedy held-out accuracy after training (the mean of the second half's validations)
 beats that before by at least run_report.MIN_HELDOUT_GAIN. Greedy decoding makes it a function of the
 weights alone: a run with `actor_rollout_ref.actor.optim.lr=0` changes nothing and exits 3, a default
 run passes at any `data.seed` (docs/cpu_mode.md: the spread over seeds).
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from recipe.atropos.demo.run_report import (
-    HELDOUT_WINDOW,
+    HELDOUT_EVERY,
     MIN_HELDOUT_GAIN,
     StepFollower,
     format_step,
@@ -54,7 +55,6 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = REPO_ROOT / "recipe/atropos/config"
 DEFAULT_CONFIG = "gsm8k_grpo_cpu"
 CONFIG = CONFIG_DIR / f"{DEFAULT_CONFIG}.yaml"
-DEFAULT_STEPS = 30  # trainer.total_training_steps in gsm8k_grpo_cpu.yaml and mixed_grpo_cpu.yaml
 # --rollout: the overrides that select it (hf is gsm8k_grpo_cpu.yaml's own).
 ROLLOUTS = {"hf": [], "vllm": ["+cpu=vllm"]}
 # num_test: the held-out prompts --check compares before and after training. Sized from the spread of
@@ -64,7 +64,7 @@ ASSET_SETTINGS = {"num_train": 512, "num_test": 512, "seed": 0, "pretrain_steps"
 # The mixed demo's reasoning-gym test rows (its --check averages the two data sources' held-out scores).
 REASONING_GYM_NUM_TEST = 64
 # The held-out evaluation (verl's validation): greedy (val_kwargs), on data.val_files, before training and
-# at steps S-10 and S (trainer.test_freq, :func:`held_out_test_freq`; each costs 3-6 s for 512 prompts).
+# every 10 steps (trainer.test_freq, :func:`held_out_test_freq`; each costs 3-6 s for 512 prompts).
 # The user's overrides come after these and win.
 HELD_OUT_OVERRIDES = [
     "trainer.val_before_train=true",
@@ -112,18 +112,21 @@ def config_file(name: str) -> Path:
     return path
 
 
-def _total_steps(overrides: list[str]) -> int:
+def total_steps(config: Path, overrides: list[str]) -> int:
+    """trainer.total_training_steps: the user's override, else the config's."""
+    from omegaconf import OmegaConf
+
     for override in overrides:
         if override.lstrip("+").startswith("trainer.total_training_steps="):
             return int(override.split("=", 1)[1])
-    return DEFAULT_STEPS
+    return int(OmegaConf.load(config).trainer.total_training_steps)
 
 
 def held_out_test_freq(total_steps: int) -> int:
-    """verl validates at every multiple of trainer.test_freq and at the last step: at S-10 and S for a
-    run of S >= 20 steps (run_report.HELDOUT_WINDOW), at S alone for a shorter one (S-10 would divide
-    it more often: every 2 steps for 12)."""
-    return total_steps - HELDOUT_WINDOW if total_steps >= 2 * HELDOUT_WINDOW else total_steps
+    """verl validates at every multiple of trainer.test_freq and at the last step: every
+    run_report.HELDOUT_EVERY steps for a run of S >= 20 steps (so its second half holds two validations
+    or more), at S alone for a shorter one."""
+    return HELDOUT_EVERY if total_steps >= 2 * HELDOUT_EVERY else total_steps
 
 
 def run(out: Path, overrides: list[str], rollout: str = "hf", config: Path = CONFIG) -> int:
@@ -132,7 +135,7 @@ def run(out: Path, overrides: list[str], rollout: str = "hf", config: Path = CON
     ensure_reasoning_gym_data(assets_dir)
     metrics_path = out / "metrics.jsonl"
     metrics_path.unlink(missing_ok=True)
-    total = _total_steps(overrides)
+    total = total_steps(config, overrides)
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
@@ -187,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout", choices=sorted(ROLLOUTS), default="hf",
                         help="hf: the recipe's Hugging Face rollout; vllm: verl's vLLM rollout (vLLM's CPU build, .venv-vllm)")
     parser.add_argument("--check", action="store_true",
-                        help=f"exit 3 unless the greedy held-out accuracy after training (steps S-10 and S) beats that "
+                        help=f"exit 3 unless the greedy held-out accuracy after training (the second half's validations) beats that "
                              f"before by {MIN_HELDOUT_GAIN}")
     args, overrides = parser.parse_known_args(argv)
     config = config_file(args.config)

@@ -65,9 +65,9 @@ def test_learned_is_a_held_out_gain_of_at_least_the_threshold(tmp_path):
     assert unchanged.heldout_gain == 0 and not unchanged.improved and "did not learn" in unchanged.lines()[1]
 
 
-def test_after_training_is_the_mean_of_the_last_ten_steps_validations():
+def test_after_training_is_the_mean_of_the_second_halfs_validations():
     steps = [_step(n, 0.5)["data"] | {"step": n} for n in range(1, 31)]
-    # Validated before training and at steps 10, 20 and 30: "after" averages 20 and 30 (HELDOUT_WINDOW).
+    # Validated before training and at steps 10, 20 and 30: "after" averages 20 and 30 (steps >= 15).
     summary = summarize(steps, validation={0: 0.5, 10: 0.9, 20: 0.5, 30: 0.5 + 2 * MIN_HELDOUT_GAIN})
     assert summary.heldout_after_steps == (20, 30) and summary.heldout_gain == pytest.approx(MIN_HELDOUT_GAIN)
     assert "after (steps 20, 30)" in summary.lines()[1]

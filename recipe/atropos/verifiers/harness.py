@@ -13,7 +13,9 @@ Loaded by verifiers under the id `HARNESS_ID` (plugins.py registers it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
+from collections.abc import AsyncIterator
 
 import aiohttp
 import verifiers.v1 as vf
@@ -21,7 +23,7 @@ from verifiers.v1.dialects.chat import message_to_wire
 
 from recipe.atropos.verifiers.plugins import register
 
-__all__ = ["HARNESS_ID", "InProcessChatConfig", "InProcessChatHarness"]
+__all__ = ["HARNESS_ID", "InProcessChatConfig", "InProcessChatHarness", "shared_session_scope"]
 
 HARNESS_ID = "verl_in_process_chat"
 
@@ -57,6 +59,7 @@ class InProcessChatHarness(vf.Harness[InProcessChatConfig]):
 
 
 _SESSIONS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aiohttp.ClientSession] = weakref.WeakKeyDictionary()
+_USERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
 
 
 def _shared_session() -> aiohttp.ClientSession:
@@ -71,6 +74,23 @@ def _shared_session() -> aiohttp.ClientSession:
         session = _SESSIONS[loop] = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=30.0),
                                                           connector=aiohttp.TCPConnector(limit=0))
     return session
+
+
+@contextlib.asynccontextmanager
+async def shared_session_scope() -> AsyncIterator[None]:
+    """Closes this event loop's session when the last runner using it ends (several runners can share
+    a loop: tests, benchmarks); a loop's session otherwise lives as long as the loop."""
+    loop = asyncio.get_running_loop()
+    _USERS[loop] = _USERS.get(loop, 0) + 1
+    try:
+        yield
+    finally:
+        _USERS[loop] -= 1
+        if not _USERS[loop]:
+            del _USERS[loop]
+            session = _SESSIONS.pop(loop, None)
+            if session is not None:
+                await session.close()
 
 
 register("harness", InProcessChatHarness, HARNESS_ID)

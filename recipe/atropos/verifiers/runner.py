@@ -18,7 +18,6 @@ it comes.
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import time
@@ -38,7 +37,9 @@ from recipe.atropos.episodes.loop import EpisodeStats, run_episode_groups
 from recipe.atropos.episodes.runapi import RunApiPusher
 from recipe.atropos.episodes.spec import KEY, EpisodeSpecError
 from recipe.atropos.episodes.types import EpisodeFailed
+from recipe.atropos.verifiers import patches
 from recipe.atropos.verifiers.convert import to_episode
+from recipe.atropos.verifiers.harness import shared_session_scope
 from recipe.atropos.verifiers.loading import load_env
 from recipe.atropos.verifiers.rendering import BRIDGE_RENDERER
 from recipe.atropos.verifiers.spec import VerifiersEnvSpec
@@ -143,34 +144,6 @@ async def wait_for_gateway(policy_url: str, timeout_s: float = GATEWAY_WAIT_S) -
             await asyncio.sleep(1.0)
 
 
-def cache_default_factory_checks() -> None:
-    """Cache pydantic's check of whether a field's default factory takes the validated data.
-
-    verifiers builds every turn's message graph with `MessageNode.model_construct`, and pydantic 2
-    (`FieldInfo.get_default`) inspects each default factory's signature on every such call; for builtin
-    factories (`list`, `dict`) `inspect` parses their text signature, copying `sys.modules` to do it:
-    ~2 ms per node with the 5,600 modules a runner has loaded, more than the rest of a single-turn
-    episode's own work (0.01 ms cached). pydantic caches it only for private attributes (the missing
-    seam), so this memoizes `pydantic._internal._fields.takes_validated_data_argument` per factory, in
-    this process only; unhashable factories are inspected as before. A pydantic without it: no-op.
-    """
-    from pydantic._internal import _fields
-
-    check = getattr(_fields, "takes_validated_data_argument", None)
-    if check is None or getattr(check, "cached_by_runner", False):
-        return
-    cached = functools.lru_cache(maxsize=None)(check)
-
-    def takes_validated_data_argument(default_factory):
-        try:
-            return cached(default_factory)
-        except TypeError:  # an unhashable factory
-            return check(default_factory)
-
-    takes_validated_data_argument.cached_by_runner = True
-    _fields.takes_validated_data_argument = takes_validated_data_argument
-
-
 def quiet_per_request_logs() -> None:
     """verifiers logs every rollout's start and end, its interception server and httpx every request, at
     INFO: thousands of lines a step. Failures still show (the core logs them with the task id)."""
@@ -181,7 +154,7 @@ def quiet_per_request_logs() -> None:
 async def run(args: RunnerArgs, spec: VerifiersEnvSpec, stats: EpisodeStats | None = None) -> EpisodeStats:
     where = f"{KEY}.{args.name}"
     quiet_per_request_logs()
-    cache_default_factory_checks()
+    patches.apply()
     env = load_env(args.name, spec)
     renderer = await asyncio.to_thread(choose_renderer, where, args.tokenizer, spec)
     await load_renderer(where, args.tokenizer, renderer)
@@ -204,7 +177,7 @@ async def run(args: RunnerArgs, spec: VerifiersEnvSpec, stats: EpisodeStats | No
     logger.info("%s: playing %s, %d episodes at once, groups of %d, through %s", args.name, spec.env,
                 spec.concurrency, spec.group_size, args.policy_url)
     try:
-        async with env.serving():
+        async with shared_session_scope(), env.serving():
             await run_episode_groups(spec, args.name, tasks(env, spec.seed), play, pusher, stats)
     finally:
         await pusher.close()
