@@ -11,7 +11,7 @@
    <out>/metrics.jsonl and the plot to <out>/reward.png.
 4. Measures what was learned on held-out prompts: verl's own validation, greedy, on the same 512
    test prompts before training and every 10 steps; "after training" is the mean of the second
-   half's validations (steps 20, 30 and 40 of the 40).
+   half's validations (steps 30, 40 and 50 of the 50).
 
 `--config mixed_grpo_cpu` (`make demo ARGS="--config mixed_grpo_cpu"`) trains on two environments at
 once: GSM8K-style problems through the GSM8K service and reasoning-gym's basic_arithmetic through the

@@ -20,8 +20,8 @@ ENV_REWARD_METRICS = ("mean_score", "reward/mean", "score/mean")
 # held-out prompts, val-core/<data_source>/<acc, or reward without an acc>/mean@<val_kwargs.n>.
 HELD_OUT_KEY = re.compile(r"^val-core/(?P<source>.+)/(?:acc|reward)/mean@\d+$")
 # The demo validates every HELDOUT_EVERY steps (trainer.test_freq) and at the last step S. "After training"
-# is the mean held-out score of the validations in the second half of the run (steps >= S/2: 20, 30 and
-# 40 of the demo's 40). A single checkpoint's greedy accuracy swings by up to 0.15 from one validation to
+# is the mean held-out score of the validations in the second half of the run (steps >= S/2: 30, 40 and
+# 50 of the demo's 50). A single checkpoint's greedy accuracy swings by up to 0.15 from one validation to
 # the next as greedy answers flip format together; three 10 steps apart average that out.
 HELDOUT_EVERY = 10
 # --check: the least held-out gain (after training minus before) that counts as learned. With greedy
