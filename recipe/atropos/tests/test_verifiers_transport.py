@@ -81,24 +81,27 @@ def test_generate_calls_arrive_as_sent_and_answers_come_back(monkeypatch):
     assert (get_method, get_path) == ("GET", "/v1/models")
 
 
+async def _generate_error(handler, expected: type[Exception], **timeout) -> Exception:
+    """The error a generate call raises against `handler` served on loopback (None: nothing listens)."""
+    port = find_free_loopback_port()
+    server = await _serve(handler, port) if handler is not None else None
+    transport = GatewayTransport(_config(port, **timeout))
+    try:
+        with pytest.raises(expected) as caught:
+            await transport.post(f"http://127.0.0.1:{port}/inference/v1/generate", cast_to=httpx.Response, body={})
+    finally:
+        await transport.close()
+        if server is not None:
+            await server.cleanup()
+    return caught.value
+
+
 @pytest.mark.parametrize("status,kind", [(503, "server"), (500, "server"), (400, "error"), (422, "error")])
 def test_an_http_error_keeps_its_status(status, kind):
     async def handler(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "no"}}, status=status)
 
-    async def main():
-        port = find_free_loopback_port()
-        server = await _serve(handler, port)
-        transport = GatewayTransport(_config(port))
-        try:
-            with pytest.raises(openai.APIStatusError) as caught:
-                await transport.post(f"http://127.0.0.1:{port}/inference/v1/generate", cast_to=httpx.Response, body={})
-        finally:
-            await transport.close()
-            await server.cleanup()
-        return caught.value
-
-    sdk_error = asyncio.run(main())
+    sdk_error = asyncio.run(_generate_error(handler, openai.APIStatusError))
     assert model_error(sdk_error).status_code == status and _kind_recorded(sdk_error) == kind
 
 
@@ -107,24 +110,8 @@ def test_no_gateway_and_a_silent_gateway_are_server_failures():
         await asyncio.sleep(1.0)  # past the 0.2 s read timeout
         return web.json_response(ANSWER)
 
-    async def main():
-        closed = find_free_loopback_port()  # nothing listens there
-        refused = GatewayTransport(_config(closed))
-        with pytest.raises(openai.APIConnectionError) as no_answer:
-            await refused.post(f"http://127.0.0.1:{closed}/inference/v1/generate", cast_to=httpx.Response, body={})
-        await refused.close()
-        port = find_free_loopback_port()
-        server = await _serve(silent, port)
-        slow = GatewayTransport(_config(port, read=0.2))
-        try:
-            with pytest.raises(openai.APITimeoutError) as timed_out:
-                await slow.post(f"http://127.0.0.1:{port}/inference/v1/generate", cast_to=httpx.Response, body={})
-        finally:
-            await slow.close()
-            await server.cleanup()
-        return no_answer.value, timed_out.value
-
-    no_answer, timed_out = asyncio.run(main())
+    no_answer = asyncio.run(_generate_error(None, openai.APIConnectionError))
+    timed_out = asyncio.run(_generate_error(silent, openai.APITimeoutError, read=0.2))
     assert (model_error(no_answer).status_code, model_error(timed_out).status_code) == (503, 504)
     assert _kind_recorded(no_answer) == _kind_recorded(timed_out) == "server"
 
