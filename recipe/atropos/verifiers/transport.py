@@ -50,8 +50,7 @@ class GatewayTransport:
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             # limit=0: as many connections as episodes in flight (verifiers' own pool allows 1,000).
-            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0),
-                                                  json_serialize=lambda value: orjson.dumps(value).decode())
+            self._session = aiohttp.ClientSession(timeout=self._timeout, connector=aiohttp.TCPConnector(limit=0))
         return self._session
 
     def _url(self, path: str) -> str:
