@@ -241,7 +241,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--episodes", type=int, default=256, help="episodes per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="alternations; the best of each side counts (the tiny model's own batching varies)")
     parser.add_argument("--policy", choices=["stub", "tiny"], default="stub")
     parser.add_argument("--no-cache", action="store_true", help="without the runner's pydantic cache, on both sides")
     parser.add_argument("--assets", default=None, help="tiny assets folder (model/, data/); default: built here")
