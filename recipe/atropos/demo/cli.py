@@ -22,8 +22,8 @@ environment's reward (docs/many_environments.md). Its output goes to outputs/dem
 rollout on vLLM's CPU build: config/cpu/vllm.yaml is added to the config (`+cpu=vllm`).
 
 Every process it starts is stopped at the end, on Ctrl-C too (the launcher's supervision).
-`--check` exits 3 unless the greedy held-out accuracy after training (the mean of the second half's validations)
-beats that before by at least run_report.MIN_HELDOUT_GAIN. Greedy decoding makes it a function of the
+`--check` exits 3 unless the greedy held-out accuracy after training (the mean of the second half's
+validations) beats that before by at least run_report.MIN_HELDOUT_GAIN. Greedy decoding makes it a function of the
 weights alone: a run with `actor_rollout_ref.actor.optim.lr=0` changes nothing and exits 3, a default
 run passes at any `data.seed` (docs/cpu_mode.md: the spread over seeds).
 """
@@ -190,8 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollout", choices=sorted(ROLLOUTS), default="hf",
                         help="hf: the recipe's Hugging Face rollout; vllm: verl's vLLM rollout (vLLM's CPU build, .venv-vllm)")
     parser.add_argument("--check", action="store_true",
-                        help=f"exit 3 unless the greedy held-out accuracy after training (the second half's validations) beats that "
-                             f"before by {MIN_HELDOUT_GAIN}")
+                        help=f"exit 3 unless the greedy held-out accuracy after training (the second half's "
+                             f"validations) beats that before by {MIN_HELDOUT_GAIN}")
     args, overrides = parser.parse_known_args(argv)
     config = config_file(args.config)
     if args.out is None:

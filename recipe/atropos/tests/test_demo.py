@@ -40,7 +40,8 @@ def test_demo_learns_and_cleans_up(tmp_path):
     # all passed; MIN_HELDOUT_GAIN (0.01) is 3.7 sd below: a false failure of ~1e-4 (normal fit; 3e-4 under
     # the predictive t of these ten with the ten seeds, 3e-3 of these ten alone).
     validation = read_validation(out / "metrics.jsonl")
-    assert list(validation) == list(range(0, total + 1, 10)) and summary_steps(validation, total) == [30, 40, 50]
+    assert list(validation) == list(range(0, total + 1, 10))
+    assert summary_steps(validation, total) == [30, 40, 50]
     summary = summarize(steps, validation=validation)
     assert summary.heldout_gain >= MIN_HELDOUT_GAIN, summary.lines()
     assert summary.fallback_steps == 0 and all(s["atropos/override_fraction"] == 1.0 for s in steps)
@@ -58,7 +59,8 @@ def test_demo_learns_and_cleans_up(tmp_path):
 
 
 @pytest.mark.parametrize("steps,validated,after", [
-    (50, [10, 20, 30, 40, 50], [30, 40, 50]), (40, [10, 20, 30, 40], [20, 30, 40]), (30, [10, 20, 30], [20, 30]), (25, [10, 20, 25], [20, 25]),
+    (50, [10, 20, 30, 40, 50], [30, 40, 50]), (40, [10, 20, 30, 40], [20, 30, 40]),
+    (30, [10, 20, 30], [20, 30]), (25, [10, 20, 25], [20, 25]),
     (20, [10, 20], [10, 20]), (12, [12], [12]), (3, [3], [3]),
 ])
 def test_the_demo_validates_every_10_steps_and_averages_the_second_half(steps, validated, after):

@@ -65,8 +65,8 @@ def test_generate_calls_arrive_as_sent_and_answers_come_back(monkeypatch):
         try:
             # As renderers.client.generate calls it: an absolute URL, the raw answer, extra headers.
             body = {"model": "policy", "token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 4, "logprobs": 1}}
-            raw = await transport.post(f"{str(transport.base_url).rstrip('/').removesuffix('/v1')}/inference/v1/generate",
-                                       cast_to=httpx.Response, body=body, options={"headers": {"X-Session-ID": "t1"}})
+            url = f"{transport.base_url.rstrip('/').removesuffix('/v1')}/inference/v1/generate"
+            raw = await transport.post(url, cast_to=httpx.Response, body=body, options={"headers": {"X-Session-ID": "t1"}})
             models = await transport.get("/models", cast_to=dict)
         finally:
             await transport.close()
