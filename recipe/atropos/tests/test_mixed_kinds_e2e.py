@@ -6,7 +6,7 @@ a verifiers environment (tests/vf_test_envs.py's single-turn one, played by its 
 its reasoning-gym one), all generating through the trainer's policy gateway and pushing to run-api
 (the launcher's, which names each registration).
 
-Each entry's share of every batch is fixed by its `min_batch_allocation` (run-api's batcher: the mix
+Each entry's share of the batch is steered by its `min_batch_allocation` (run-api's batcher: the mix
 of a trajectory-mode run, docs/many_environments.md); the verifiers entry is given twice the others'.
 What the trainer trained on, token by token, is what was played: the guess game's per-turn advantages
 computed here by hand (GRPO process supervision), the verifiers episodes' GRPO over the rewards the
@@ -43,8 +43,8 @@ from .servers import find_free_loopback_port, start_server_process
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 GROUP, MAX_TOKENS, TURNS, STEPS = 4, 8, 3, 3
-# Groups of each entry in every step's batch (24 sequences), each fixed by its min_batch_allocation:
-# int(24 x share) sequences, and the shares add up to the whole batch.
+# Groups of each entry in a step's batch (24 sequences) when each has its share queued, by its
+# min_batch_allocation: int(24 x share) sequences, and the shares add up to the whole batch.
 GROUPS = {"guess": 1, "arithmetic": 1, "digits": 2, "ramp": 1, "reasoning_gym": 1}
 BATCH_GROUPS = sum(GROUPS.values())
 
@@ -189,12 +189,20 @@ def test_every_kind_of_environment_trains_together_on_what_was_played(tiny_asset
         api.stop()
     steps = read_steps(metrics)
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1))
+    trained = defaultdict(int)
     for step in steps:
         assert step["atropos/batch_groups"] == BATCH_GROUPS
         assert step["atropos/behavior_matched_fraction"] == 1.0  # every trained token was sampled by the policy
-        for name, groups in GROUPS.items():  # each entry's share of the batch, under its own name
-            assert step[f"atropos/env/{name}/samples"] == groups * GROUP, name
-            assert step[f"atropos/env/{name}/batch_share"] == pytest.approx(groups / BATCH_GROUPS), name
+        # Each entry's part of the batch, under its own name. run-api holds back a batch until every
+        # entry with a minimum has a group queued, then takes up to each one's minimum of what is queued
+        # and fills the rest from any entry: an entry that is behind when the batch forms (the verifiers
+        # runner's first groups, still playing when the first batch formed in one CI run) gets fewer than
+        # its share and another more, but never none. The exact mix is the usual case, not a guarantee.
+        for name in GROUPS:
+            samples = step[f"atropos/env/{name}/samples"]
+            assert GROUP <= samples <= (BATCH_GROUPS - len(GROUPS) + 1) * GROUP and samples % GROUP == 0, name
+            assert step[f"atropos/env/{name}/batch_share"] == pytest.approx(samples / (BATCH_GROUPS * GROUP)), name
+            trained[name] += samples // GROUP
         for name in ("guess", "arithmetic", "digits"):  # the runners' own counters
             assert step[f"atropos/env/{name}/failures"] == 0, name
         assert step["atropos/env/guess/episodes"] >= 1 and step["atropos/env/digits/episodes"] >= 1
@@ -202,4 +210,4 @@ def test_every_kind_of_environment_trains_together_on_what_was_played(tiny_asset
     played = defaultdict(list)
     for episode in read_jsonl(tmp_path / "digits.jsonl"):
         played[tuple(episode["sampled"])].append(episode)
-    assert _check_trained_groups(dump, tokenizer, played) == {name: STEPS * n for name, n in GROUPS.items()}
+    assert _check_trained_groups(dump, tokenizer, played) == trained
