@@ -119,7 +119,11 @@ def total_steps(config: Path, overrides: list[str]) -> int:
     for override in overrides:
         if override.lstrip("+").startswith("trainer.total_training_steps="):
             return int(override.split("=", 1)[1])
-    return int(OmegaConf.load(config).trainer.total_training_steps)
+    steps = OmegaConf.select(OmegaConf.load(config), "trainer.total_training_steps")
+    if steps is None:  # e.g. a user's config that takes it from its Hydra defaults
+        raise SystemExit(f"demo: {config} sets no trainer.total_training_steps; fix: set it in that file, or pass "
+                         "trainer.total_training_steps=N on the command line")
+    return int(steps)
 
 
 def held_out_test_freq(total_steps: int) -> int:

@@ -68,3 +68,11 @@ def test_the_demo_validates_every_10_steps_and_averages_the_second_half(steps, v
     freq = held_out_test_freq(steps)
     assert [k for k in range(1, steps + 1) if k % freq == 0 or k == steps] == validated
     assert summary_steps({0: 0.5} | {k: 0.5 for k in validated}, steps) == after
+
+
+def test_the_demo_reads_its_steps_from_the_config_or_says_which_field_to_set(tmp_path):
+    assert total_steps(CONFIG, []) == 50 and total_steps(CONFIG, ["trainer.total_training_steps=7"]) == 7
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("defaults: [gsm8k_grpo_cpu]\n")
+    with pytest.raises(SystemExit, match="trainer.total_training_steps"):
+        total_steps(bare, [])
