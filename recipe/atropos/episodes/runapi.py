@@ -14,6 +14,10 @@ the trainer:
   `GET /status` and `GET /info`; atroposlib's environments stop generating at 3), so that groups are
   not trained on ever older weights. The groups already being played still land, so the overshoot is
   at most the loop's groups in flight. An unreachable run-api never blocks here (the push retries).
+  A runner with a `min_batch_allocation` goes on while it holds fewer than its share of those batches
+  (`self_queue_size` from `GET /status-env`), as atroposlib's environments do: run-api forms no batch
+  while a connected environment with a minimum has nothing queued, so a runner held back with nothing
+  queued would hold the trainer, and the trainer it.
 - leaving: `close()` sends `POST /disconnect-env`, and a registration finds earlier ones under its own
   name still connected (a runner killed and restarted; `GET /envs`, which the launcher's run-api
   serves) and disconnects them. run-api keeps every connected environment's `min_batch_allocation`
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -101,10 +106,11 @@ class RunApiPusher:
                     raise
         raise AssertionError("unreachable")
 
-    async def _get(self, path: str) -> Any:
-        """One GET, no retries; None when run-api does not answer it."""
+    async def _get(self, path: str, body: dict[str, Any] | None = None) -> Any:
+        """One GET (run-api's /status-env takes a JSON body), no retries; None when run-api does not answer it."""
         try:
-            async with self.session.get(f"{self.url}{path}", timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
+            async with self.session.get(f"{self.url}{path}", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=10.0)) as answer:
                 return await answer.json(content_type=None) if answer.status == 200 else None
         except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
             return None
@@ -182,4 +188,19 @@ class RunApiPusher:
         group_size = self.registration["group_size"]
         if batch_size <= 0 or queue_size * group_size < self.max_batches_offpolicy * batch_size:
             return None
+        if await self._short_of_its_minimum(batch_size):
+            return None
         return f"{queue_size} groups, {self.max_batches_offpolicy}+ batches of {batch_size} (max_batches_offpolicy)"
+
+    async def _short_of_its_minimum(self, batch_size: int) -> bool:
+        """Whether run-api holds fewer of this runner's groups than its `min_batch_allocation` of
+        `max_batches_offpolicy` batches (atroposlib's `BaseEnv.env_manager` rule)."""
+        share = self.registration["min_batch_allocation"]
+        if not share or self.env_id is None:
+            return False
+        status = await self._get("/status-env", {"env_id": self.env_id})
+        try:
+            own_groups = int(status["self_queue_size"])
+        except (TypeError, KeyError, ValueError):
+            return False
+        return own_groups < math.ceil(share * batch_size * self.max_batches_offpolicy / self.registration["group_size"])

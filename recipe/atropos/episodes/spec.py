@@ -49,8 +49,8 @@ class EpisodeEnvSpec(BaseModel):
                                                description="least fraction of every batch from this entry")
     max_batches_offpolicy: int = Field(
         default=2, ge=0, description="start no new group while run-api holds this many of the trainer's batches "
-                                     "(atroposlib's environments: 3), so groups are not trained on stale weights; 0: "
-                                     "no bound")
+                                     "(atroposlib's environments: 3), so groups are not trained on stale weights, "
+                                     "unless fewer than its min_batch_allocation of them are its own; 0: no bound")
     episode_timeout_s: float = Field(default=600.0, gt=0, description="an episode past it is lost (counted)")
     max_attempts_factor: int = Field(default=2, ge=1, description="a group gets group_size x this many tries")
     credit: Literal["outcome", "process"] = Field(

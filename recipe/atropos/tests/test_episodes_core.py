@@ -311,6 +311,61 @@ def test_a_runner_waits_for_the_trainer_and_leaves_no_registration_behind():
         api.stop()
 
 
+def test_a_runner_short_of_its_minimum_is_not_held_by_the_others_run_ahead():
+    """run-api forms no batch while a connected environment with a `min_batch_allocation` has nothing
+    queued. A runner held by the run-ahead bound after its groups were all trained, while the others'
+    groups fill run-api, would hold the trainer, and the trainer it (a CI run stopped this way: 19 groups
+    queued, none from the verifiers entry). It goes on while it holds fewer than its share."""
+    import sys
+
+    import requests
+
+    from recipe.atropos.episodes.runapi import RunApiPusher
+    from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
+
+    port = find_free_loopback_port()
+    api = start_server_process([sys.executable, "-m", "recipe.atropos.launcher.run_api", "--host", "127.0.0.1",
+                                "--port", str(port)], port=port, health_path="/")
+
+    def batch_from() -> list[str] | None:
+        batch = requests.get(f"{api.url}/batch", timeout=30).json()["batch"]
+        return None if batch is None else sorted(g["group_overrides"]["env_name"] for g in batch)
+
+    try:
+        requests.post(f"{api.url}/register", json={"wandb_group": "g", "wandb_project": "p", "batch_size": 4,
+                                                   "max_token_len": 64, "checkpoint_dir": "", "save_checkpoint_interval": 0,
+                                                   "starting_step": 0, "num_steps": 10}, timeout=30).raise_for_status()
+        assert batch_from() is None  # the trainer has started: environments may register
+        episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
+
+        def payload(name: str) -> dict:
+            return scored_data([episode, episode], group_advantages([episode, episode]), env_name=name)
+
+        async def two_batches():
+            # Groups of 2 in batches of 4: each entry's minimum is one group a batch.
+            busy = RunApiPusher(api.url, name="busy", group_size=2, max_token_length=64, min_batch_allocation=0.5)
+            late = RunApiPusher(api.url, name="late", group_size=2, max_token_length=64, min_batch_allocation=0.5,
+                                max_batches_offpolicy=1, poll_s=0.05)
+            for _ in range(3):
+                await busy.push(payload("busy"))  # unbounded: its groups in flight all land
+            held = asyncio.ensure_future(late.push(payload("late")))  # 4 groups queued, 1 of them its own: held
+            await asyncio.sleep(1.0)
+            assert not held.done()
+            assert await asyncio.to_thread(batch_from) == ["busy", "late"]
+            # 2 groups queued, a whole batch, none of them late's: without its next group no batch forms.
+            assert await asyncio.to_thread(batch_from) is None
+            await asyncio.wait_for(held, 10)
+            held = asyncio.ensure_future(late.push(payload("late")))  # 3 groups queued, 1 its own: held again
+            assert await asyncio.to_thread(batch_from) == ["busy", "late"]
+            await asyncio.wait_for(held, 10)  # 1 group queued: room
+            await busy.close()
+            await late.close()
+
+        asyncio.run(two_batches())
+    finally:
+        api.stop()
+
+
 def test_the_trainer_sums_a_runners_counters_and_averages_its_means_per_entry():
     import json
 
