@@ -322,6 +322,7 @@ def test_a_runner_short_of_its_minimum_is_not_held_by_the_others_run_ahead():
 
     from recipe.atropos.episodes.runapi import RunApiPusher
     from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
+    from recipe.atropos.trajectory.diagnostics import run_api_report
 
     port = find_free_loopback_port()
     api = start_server_process([sys.executable, "-m", "recipe.atropos.launcher.run_api", "--host", "127.0.0.1",
@@ -341,6 +342,10 @@ def test_a_runner_short_of_its_minimum_is_not_held_by_the_others_run_ahead():
         def payload(name: str) -> dict:
             return scored_data([episode, episode], group_advantages([episode, episode]), env_name=name)
 
+        async def until(condition) -> None:
+            while not condition():
+                await asyncio.sleep(0.01)
+
         async def two_batches():
             # Groups of 2 in batches of 4: each entry's minimum is one group a batch.
             busy = RunApiPusher(api.url, name="busy", group_size=2, max_token_length=64, min_batch_allocation=0.5)
@@ -348,14 +353,22 @@ def test_a_runner_short_of_its_minimum_is_not_held_by_the_others_run_ahead():
                                 max_batches_offpolicy=1, poll_s=0.05)
             for _ in range(3):
                 await busy.push(payload("busy"))  # unbounded: its groups in flight all land
-            held = asyncio.ensure_future(late.push(payload("late")))  # 4 groups queued, 1 of them its own: held
-            await asyncio.sleep(1.0)
-            assert not held.done()
+            async def queued_then_held(pushed: int) -> asyncio.Future:
+                held = asyncio.ensure_future(late.push(payload("late")))
+                await asyncio.wait_for(until(lambda: late.pushed_groups == pushed), 10)  # queued in run-api
+                await asyncio.sleep(0.5)
+                assert not held.done()
+                return held
+
+            held = await queued_then_held(1)  # 4 groups queued, 1 of them its own
             assert await asyncio.to_thread(batch_from) == ["busy", "late"]
-            # 2 groups queued, a whole batch, none of them late's: without its next group no batch forms.
+            # 2 groups queued, a whole batch, none of them late's: without its next group no batch forms,
+            # and the trainer's report says which entry it waits for.
             assert await asyncio.to_thread(batch_from) is None
+            report = await asyncio.to_thread(run_api_report, api.url)
+            assert f"waiting for a group from env_id {late.env_id} (late): run-api forms no batch" in report
             await asyncio.wait_for(held, 10)
-            held = asyncio.ensure_future(late.push(payload("late")))  # 3 groups queued, 1 its own: held again
+            held = await queued_then_held(2)  # 3 groups queued, 1 of them its own
             assert await asyncio.to_thread(batch_from) == ["busy", "late"]
             await asyncio.wait_for(held, 10)  # 1 group queued: room
             await busy.close()

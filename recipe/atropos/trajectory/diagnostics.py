@@ -8,7 +8,8 @@ length, a send that failed). This module gathers, without raising:
   ``$ATROPOS_LAUNCH_RUN_DIR``, which the launcher gives the trainer): each environment's status
   (running, or its exit code), how many times it was started, the groups its log says it dropped,
   by reason, and its last error lines;
-- from run-api: how many environments registered, the groups queued (per environment), and the
+- from run-api: how many environments registered, the groups queued (per environment), the ones
+  with a `min_batch_allocation` and nothing queued (which hold every batch back), and the
   size of the last group received.
 
 Both the trainer's progress lines and its :class:`TrajectoryBatchTimeout`, and the launcher's exit
@@ -164,6 +165,10 @@ def run_api_report(api_url: str, *, timeout_s: float = 2.0, max_envs: int = 64) 
     parts = [f"{len(registered)} environment registration(s)"]
     if registered:
         parts.append("groups queued per env_id: " + ", ".join(str(e.get("self_queue_size", "?")) for e in registered))
+        holding = _holding_batches_back(base, registered, timeout_s)
+        if holding:
+            parts.append(f"waiting for a group from {holding}: run-api forms no batch while an environment with a "
+                         "min_batch_allocation has none queued")
     parts.append(f"{status.get('queue_size', '?')} group(s) queued in all")
     tokens = latest.get("tokens") if isinstance(latest, dict) else None
     if tokens:
@@ -171,6 +176,21 @@ def run_api_report(api_url: str, *, timeout_s: float = 2.0, max_envs: int = 64) 
     else:
         parts.append("no group received yet")
     return "run-api: " + "; ".join(parts)
+
+
+def _holding_batches_back(base: str, registered: list[dict[str, Any]], timeout_s: float) -> str:
+    """The connected environments with a `min_batch_allocation` and no group queued, which run-api's
+    batcher waits for; from the launcher's run-api ``GET /envs`` ("" from a plain run-api)."""
+    import requests
+
+    try:
+        envs = requests.get(f"{base}/envs", timeout=timeout_s).json()["envs"]
+    except (requests.RequestException, ValueError, KeyError, TypeError):
+        return ""
+    queued = {env_id: e.get("self_queue_size") for env_id, e in enumerate(registered)}
+    return ", ".join(
+        f"env_id {e.get('env_id')} ({e.get('name')})" for e in envs if isinstance(e, dict)
+        and e.get("connected") and e.get("min_batch_allocation") and queued.get(e.get("env_id")) == 0)
 
 
 def last_group_size(api_url: str, *, timeout_s: float = 2.0) -> tuple[int, Any] | None:
