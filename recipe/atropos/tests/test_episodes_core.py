@@ -217,166 +217,175 @@ def test_an_entry_with_a_wrong_field_names_it(monkeypatch):
         load_spec("arith", {"type": "gym"})
 
 
-def test_a_runner_registers_with_run_api_once_however_many_groups_push_at_once():
-    """The real run-api: concurrent first pushes register one environment, and each group is queued."""
+def _trainer_started(api) -> str:
+    """Registers a trainer (batches of 4 sequences) with run-api and takes its first (empty) batch, after
+    which runners may register; returns run-api's URL."""
     import requests
 
-    from recipe.atropos.episodes.runapi import RunApiPusher
+    requests.post(f"{api.url}/register", json={"wandb_group": "g", "wandb_project": "p", "batch_size": 4,
+                                               "max_token_len": 64, "checkpoint_dir": "", "save_checkpoint_interval": 0,
+                                               "starting_step": 0, "num_steps": 10}, timeout=30).raise_for_status()
+    assert requests.get(f"{api.url}/batch", timeout=30).json()["batch"] is None
+    return api.url
+
+
+@pytest.fixture
+def atropos_run_api():
+    """atroposlib's own run-api, its trainer started."""
     from recipe.atropos.tests.servers import start_atropos_run_api
 
     api = start_atropos_run_api()
     try:
-        requests.post(f"{api.url}/register", json={"wandb_group": "g", "wandb_project": "p", "batch_size": 4,
-                                                   "max_token_len": 64, "checkpoint_dir": "", "save_checkpoint_interval": 0,
-                                                   "starting_step": 0, "num_steps": 10}, timeout=30).raise_for_status()
-        requests.get(f"{api.url}/batch", timeout=30)  # the trainer has started: environments may register
-        episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
-        payload = scored_data([episode, episode], group_advantages([episode, episode]), env_name="arith")
-
-        def status_env(env_id: int) -> int:
-            return requests.get(f"{api.url}/status-env", json={"env_id": env_id}, timeout=30).status_code
-
-        async def push_four():
-            pusher = RunApiPusher(api.url, name="arith", group_size=2, max_token_length=64)
-            await asyncio.gather(*(pusher.push(payload) for _ in range(4)))
-            # run-api knows env 0 only (a second registration would be env 1; run-api fails on an unknown id).
-            assert [await asyncio.to_thread(status_env, i) for i in (0, 1)] == [200, 500]
-            await pusher.close()
-            return pusher
-
-        pusher = asyncio.run(push_four())
-        assert pusher.env_id == 0 and pusher.pushed_groups == 4
-        batch = requests.get(f"{api.url}/batch", timeout=30).json()["batch"]
-        assert len(batch) == 2 and all(g["group_overrides"]["env_name"] == "arith" for g in batch)
+        yield _trainer_started(api)
     finally:
         api.stop()
 
 
-def test_a_runner_waits_for_the_trainer_and_leaves_no_registration_behind():
+@pytest.fixture
+def launcher_run_api():
+    """The launcher's run-api (atroposlib's plus GET /envs), its trainer started."""
+    import sys
+
+    from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
+
+    port = find_free_loopback_port()
+    api = start_server_process([sys.executable, "-m", "recipe.atropos.launcher.run_api", "--host", "127.0.0.1",
+                                "--port", str(port)], port=port, health_path="/")
+    try:
+        yield _trainer_started(api)
+    finally:
+        api.stop()
+
+
+def test_a_runner_registers_with_run_api_once_however_many_groups_push_at_once(atropos_run_api):
+    """The real run-api: concurrent first pushes register one environment, and each group is queued."""
+    import requests
+
+    from recipe.atropos.episodes.runapi import RunApiPusher
+
+    url = atropos_run_api
+    episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
+    payload = scored_data([episode, episode], group_advantages([episode, episode]), env_name="arith")
+
+    def status_env(env_id: int) -> int:
+        return requests.get(f"{url}/status-env", json={"env_id": env_id}, timeout=30).status_code
+
+    async def push_four():
+        pusher = RunApiPusher(url, name="arith", group_size=2, max_token_length=64)
+        await asyncio.gather(*(pusher.push(payload) for _ in range(4)))
+        # run-api knows env 0 only (a second registration would be env 1; run-api fails on an unknown id).
+        assert [await asyncio.to_thread(status_env, i) for i in (0, 1)] == [200, 500]
+        await pusher.close()
+        return pusher
+
+    pusher = asyncio.run(push_four())
+    assert pusher.env_id == 0 and pusher.pushed_groups == 4
+    batch = requests.get(f"{url}/batch", timeout=30).json()["batch"]
+    assert len(batch) == 2 and all(g["group_overrides"]["env_name"] == "arith" for g in batch)
+
+
+def test_a_runner_waits_for_the_trainer_and_leaves_no_registration_behind(launcher_run_api):
     """The launcher's run-api (atroposlib's plus GET /envs): with max_batches_offpolicy=1 a runner holds
     its next group until the trainer takes a batch; a runner restarted under the same name disconnects
     its earlier registration (whose min_batch_allocation would hold every batch back: run-api forms none
     while a connected environment with a minimum has nothing queued); closing leaves run-api."""
-    import sys
-
     import requests
 
     from recipe.atropos.episodes.runapi import RunApiPusher
-    from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
 
-    port = find_free_loopback_port()
-    api = start_server_process([sys.executable, "-m", "recipe.atropos.launcher.run_api", "--host", "127.0.0.1",
-                                "--port", str(port)], port=port, health_path="/")
+    url = launcher_run_api
 
     def envs() -> dict[int, bool]:
-        return {e["env_id"]: e["connected"] for e in requests.get(f"{api.url}/envs", timeout=30).json()["envs"]}
+        return {e["env_id"]: e["connected"] for e in requests.get(f"{url}/envs", timeout=30).json()["envs"]}
 
     def batch() -> list | None:
-        return requests.get(f"{api.url}/batch", timeout=30).json()["batch"]
+        return requests.get(f"{url}/batch", timeout=30).json()["batch"]
 
-    try:
-        requests.post(f"{api.url}/register", json={"wandb_group": "g", "wandb_project": "p", "batch_size": 4,
-                                                   "max_token_len": 64, "checkpoint_dir": "", "save_checkpoint_interval": 0,
-                                                   "starting_step": 0, "num_steps": 10}, timeout=30).raise_for_status()
-        assert batch() is None  # the trainer has started: environments may register
-        episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
-        payload = scored_data([episode, episode], group_advantages([episode, episode]), env_name="arith")
+    episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
+    payload = scored_data([episode, episode], group_advantages([episode, episode]), env_name="arith")
 
-        def pusher() -> RunApiPusher:
-            return RunApiPusher(api.url, name="arith", group_size=2, max_token_length=64, min_batch_allocation=0.5,
-                                max_batches_offpolicy=1, poll_s=0.05)
+    def pusher() -> RunApiPusher:
+        return RunApiPusher(url, name="arith", group_size=2, max_token_length=64, min_batch_allocation=0.5,
+                            max_batches_offpolicy=1, poll_s=0.05)
 
-        async def bounded_then_restarted():
-            first = pusher()
-            await first.push(payload)  # half a batch queued: room for more
-            third = asyncio.ensure_future(first.push(payload))  # a whole batch queued: held after its push
-            await asyncio.sleep(1.0)
-            assert not third.done() and first.pushed_groups == 2
-            assert len(await asyncio.to_thread(batch)) == 2  # the trainer takes it: the runner goes on
-            await asyncio.wait_for(third, 10)
-            # The runner is killed (never closed) and restarted: the new life disconnects the old, whose
-            # minimum would otherwise hold back the batch that the new one's groups make.
-            second = pusher()
-            second.max_batches_offpolicy = 0
-            await second.push(payload)
-            await second.push(payload)
-            assert (first.env_id, second.env_id) == (0, 1) and await asyncio.to_thread(envs) == {0: False, 1: True}
-            assert len(await asyncio.to_thread(batch)) == 2
-            await second.close()
-            assert await asyncio.to_thread(envs) == {0: False, 1: False}
-            await first.session.close()
+    async def bounded_then_restarted():
+        first = pusher()
+        await first.push(payload)  # half a batch queued: room for more
+        third = asyncio.ensure_future(first.push(payload))  # a whole batch queued: held after its push
+        await asyncio.sleep(1.0)
+        assert not third.done() and first.pushed_groups == 2
+        assert len(await asyncio.to_thread(batch)) == 2  # the trainer takes it: the runner goes on
+        await asyncio.wait_for(third, 10)
+        # The runner is killed (never closed) and restarted: the new life disconnects the old, whose
+        # minimum would otherwise hold back the batch that the new one's groups make.
+        second = pusher()
+        second.max_batches_offpolicy = 0
+        await second.push(payload)
+        await second.push(payload)
+        assert (first.env_id, second.env_id) == (0, 1) and await asyncio.to_thread(envs) == {0: False, 1: True}
+        assert len(await asyncio.to_thread(batch)) == 2
+        await second.close()
+        assert await asyncio.to_thread(envs) == {0: False, 1: False}
+        await first.session.close()
 
-        asyncio.run(bounded_then_restarted())
-    finally:
-        api.stop()
+    asyncio.run(bounded_then_restarted())
 
 
-def test_a_runner_short_of_its_minimum_is_not_held_by_the_others_run_ahead():
+def test_a_runner_short_of_its_minimum_is_not_held_by_the_others_run_ahead(launcher_run_api):
     """run-api forms no batch while a connected environment with a `min_batch_allocation` has nothing
     queued. A runner held by the run-ahead bound after its groups were all trained, while the others'
     groups fill run-api, would hold the trainer, and the trainer it (a CI run stopped this way: 19 groups
     queued, none from the verifiers entry). It goes on while it holds fewer than its share."""
-    import sys
-
     import requests
 
     from recipe.atropos.episodes.runapi import RunApiPusher
-    from recipe.atropos.tests.servers import find_free_loopback_port, start_server_process
     from recipe.atropos.trajectory.diagnostics import run_api_report
 
-    port = find_free_loopback_port()
-    api = start_server_process([sys.executable, "-m", "recipe.atropos.launcher.run_api", "--host", "127.0.0.1",
-                                "--port", str(port)], port=port, health_path="/")
+    url = launcher_run_api
 
     def batch_from() -> list[str] | None:
-        batch = requests.get(f"{api.url}/batch", timeout=30).json()["batch"]
+        batch = requests.get(f"{url}/batch", timeout=30).json()["batch"]
         return None if batch is None else sorted(g["group_overrides"]["env_name"] for g in batch)
 
-    try:
-        requests.post(f"{api.url}/register", json={"wandb_group": "g", "wandb_project": "p", "batch_size": 4,
-                                                   "max_token_len": 64, "checkpoint_dir": "", "save_checkpoint_interval": 0,
-                                                   "starting_step": 0, "num_steps": 10}, timeout=30).raise_for_status()
-        assert batch_from() is None  # the trainer has started: environments may register
-        episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
+    episode = play([1, 2], [([3, 4], [-0.5], 1.0, [5])])
 
-        def payload(name: str) -> dict:
-            return scored_data([episode, episode], group_advantages([episode, episode]), env_name=name)
+    def payload(name: str) -> dict:
+        return scored_data([episode, episode], group_advantages([episode, episode]), env_name=name)
 
-        async def until(condition) -> None:
-            while not condition():
-                await asyncio.sleep(0.01)
+    async def until(condition) -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
 
-        async def two_batches():
-            # Groups of 2 in batches of 4: each entry's minimum is one group a batch.
-            busy = RunApiPusher(api.url, name="busy", group_size=2, max_token_length=64, min_batch_allocation=0.5)
-            late = RunApiPusher(api.url, name="late", group_size=2, max_token_length=64, min_batch_allocation=0.5,
-                                max_batches_offpolicy=1, poll_s=0.05)
-            for _ in range(3):
-                await busy.push(payload("busy"))  # unbounded: its groups in flight all land
-            async def queued_then_held(pushed: int) -> asyncio.Future:
-                held = asyncio.ensure_future(late.push(payload("late")))
-                await asyncio.wait_for(until(lambda: late.pushed_groups == pushed), 10)  # queued in run-api
-                await asyncio.sleep(0.5)
-                assert not held.done()
-                return held
+    async def two_batches():
+        # Groups of 2 in batches of 4: each entry's minimum is one group a batch.
+        busy = RunApiPusher(url, name="busy", group_size=2, max_token_length=64, min_batch_allocation=0.5)
+        late = RunApiPusher(url, name="late", group_size=2, max_token_length=64, min_batch_allocation=0.5,
+                            max_batches_offpolicy=1, poll_s=0.05)
+        for _ in range(3):
+            await busy.push(payload("busy"))  # unbounded: its groups in flight all land
 
-            held = await queued_then_held(1)  # 4 groups queued, 1 of them its own
-            assert await asyncio.to_thread(batch_from) == ["busy", "late"]
-            # 2 groups queued, a whole batch, none of them late's: without its next group no batch forms,
-            # and the trainer's report says which entry it waits for.
-            assert await asyncio.to_thread(batch_from) is None
-            report = await asyncio.to_thread(run_api_report, api.url)
-            assert f"waiting for a group from env_id {late.env_id} (late): run-api forms no batch" in report
-            await asyncio.wait_for(held, 10)
-            held = await queued_then_held(2)  # 3 groups queued, 1 of them its own
-            assert await asyncio.to_thread(batch_from) == ["busy", "late"]
-            await asyncio.wait_for(held, 10)  # 1 group queued: room
-            await busy.close()
-            await late.close()
+        async def queued_then_held(pushed: int) -> asyncio.Future:
+            held = asyncio.ensure_future(late.push(payload("late")))
+            await asyncio.wait_for(until(lambda: late.pushed_groups == pushed), 10)  # queued in run-api
+            await asyncio.sleep(0.5)
+            assert not held.done()
+            return held
 
-        asyncio.run(two_batches())
-    finally:
-        api.stop()
+        held = await queued_then_held(1)  # 4 groups queued, 1 of them its own
+        assert await asyncio.to_thread(batch_from) == ["busy", "late"]
+        # 2 groups queued, a whole batch, none of them late's: without its next group no batch forms,
+        # and the trainer's report says which entry it waits for.
+        assert await asyncio.to_thread(batch_from) is None
+        report = await asyncio.to_thread(run_api_report, url)
+        assert f"waiting for a group from env_id {late.env_id} (late): run-api forms no batch" in report
+        await asyncio.wait_for(held, 10)
+        held = await queued_then_held(2)  # 3 groups queued, 1 of them its own
+        assert await asyncio.to_thread(batch_from) == ["busy", "late"]
+        await asyncio.wait_for(held, 10)  # 1 group queued: room
+        await busy.close()
+        await late.close()
+
+    asyncio.run(two_batches())
 
 
 def test_the_trainer_sums_a_runners_counters_and_averages_its_means_per_entry():
