@@ -56,10 +56,13 @@ def test_chat_and_generate_are_recorded(policy_server):
             assert record is not None and record.version == 5
             np.testing.assert_allclose(record.logprobs_T, [e["logprob"] for e in choice["logprobs"]["content"]],
                                        atol=1e-5)
+        in_context = health(gateway)["behavior_records"]["in_context"]
         generated = post(gateway, "/generate", {"prompt": {"prompt_token_ids": [1, 2, 3]}, "max_tokens": 5,
                                                 "temperature": 1.0, "n": 2, "seed": 3})
+        # Token ids in: each completion is recorded after its prompt's ids (what the sample will hold).
+        assert health(gateway)["behavior_records"]["in_context"] == in_context + 2
         for token_ids, logprobs in zip(generated["token_ids"], generated["logprobs"]):
-            record = gateway.records.lookup(token_ids)
+            record = gateway.records.lookup(token_ids, [1, 2, 3])
             assert record is not None and record.version == 5
             np.testing.assert_allclose(record.logprobs_T, [next(iter(e[0].values())) for e in logprobs], atol=1e-5)
 

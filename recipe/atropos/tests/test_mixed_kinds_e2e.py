@@ -193,6 +193,7 @@ def test_every_kind_of_environment_trains_together_on_what_was_played(tiny_asset
     for step in steps:
         assert step["atropos/batch_groups"] == BATCH_GROUPS
         assert step["atropos/behavior_matched_fraction"] == 1.0  # every trained token was sampled by the policy
+        assert step["atropos/behavior_in_context_fraction"] == 1.0  # after exactly the tokens it was sampled after
         # Each entry's part of the batch, under its own name. run-api holds back a batch until every
         # entry with a minimum has a group queued, then takes up to each one's minimum of what is queued
         # and fills the rest from any entry: an entry that is behind when the batch forms (the verifiers

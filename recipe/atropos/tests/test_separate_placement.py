@@ -124,6 +124,8 @@ def _check_overlap_bound_and_samples(steps: list[dict], dump_dir, answered: list
         # What was trained is what was sampled: every sample's tokens are a completion the gateway
         # relayed, whose recorded log-probs are those the server returned to the environment.
         assert s["atropos/behavior_matched_fraction"] == 1.0, s
+        # Found after exactly the prompt ids the server was sent: no other prompt's record of the same tokens.
+        assert s["atropos/behavior_in_context_fraction"] == 1.0, s
         assert s["atropos/behavior_logprob_env_max_abs_diff"] < 1e-5, s
         assert s["atropos/async/weight_sync_s"] > 0
 

@@ -66,6 +66,32 @@ def test_trained_runs_are_the_completions():
     assert trained_runs(np.zeros(3, dtype=bool)) == []
 
 
+def test_the_same_completion_after_other_tokens_is_matched_to_its_own_record():
+    """A lone end-of-sequence token (2) is sampled after many prompts, each time with another log-prob
+    (a CI run trained one with another prompt's: 0.028 off what its environment got). The context tells
+    them apart; of one context's records in several versions, the environment's log-probs choose."""
+    records = BehaviorRecords(keep_versions=8)
+    records.add(3, [2], [-0.1], prompt_ids=[1, 5])
+    records.add(3, [2], [-2.0], prompt_ids=[1, 6])  # the newest by the completion alone
+    for prompt, logprob in (([1, 5], -0.1), ([1, 6], -2.0)):
+        sample = match_sample(records, *sequence(prompt, ([2], True)))
+        assert sample.version == 3 and sample.logprobs_T.tolist() == pytest.approx([logprob]) and sample.in_context
+    # A later turn's context is everything before it: the prompt, the first answer, the environment's text.
+    records.add(4, [2], [-0.7], prompt_ids=[1, 5, 2, 9])
+    tokens, masks = sequence([1, 5], ([2], True), ([9], False), ([2], True))
+    assert match_sample(records, tokens, masks).logprobs_T.tolist() == pytest.approx([-0.1, 0.0, -0.7])
+    # One context, two versions: the environment's log-probs say which; without them, the newest.
+    records.add(5, [2], [-0.3], prompt_ids=[1, 5])
+    old = match_sample(records, *sequence([1, 5], ([2], True)), env_logprobs=[-0.1])
+    new = match_sample(records, *sequence([1, 5], ([2], True)))
+    assert (old.version, new.version) == (3, 5) and new.logprobs_T.tolist() == pytest.approx([-0.3])
+    # A context no record knows (an environment whose sequence is not the prompt the server saw): the
+    # completion alone, as before.
+    unknown = match_sample(records, *sequence([8], ([2], True)))
+    assert unknown.version == 5 and not unknown.in_context
+    assert records.stats()["in_context"] == 4
+
+
 def test_a_multi_turn_sample_is_matched_run_by_run_with_its_oldest_version():
     records = BehaviorRecords(keep_versions=8)
     first, second = recorded(records, 3, [11, 12, 2]), recorded(records, 5, [13, 14])

@@ -103,6 +103,7 @@ def test_a_verifiers_environment_trains_on_its_exact_tokens_and_credit(tiny_asse
     assert [s["step"] for s in steps] == list(range(1, STEPS + 1)), logs
     for step in steps:
         assert step["atropos/behavior_matched_fraction"] == 1.0  # every trained run is one the gateway sampled
+        assert step["atropos/behavior_in_context_fraction"] == 1.0  # after exactly the tokens it was sampled after
         assert step["atropos/batch_groups"] == 2
     # The entry's metrics under its name.
     assert all(step["atropos/env/digits/samples"] == 8 for step in steps)

@@ -65,6 +65,13 @@ def _ask_for_behavior(payload: dict[str, Any], chat: bool) -> tuple[str, ...]:
     return tuple(added)
 
 
+def _token_ids(value: Any) -> list[int] | None:
+    """`value` when it is a non-empty list of token ids, else None."""
+    if isinstance(value, list) and value and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return value
+    return None
+
+
 def _remove_unasked(content: dict[str, Any], added: tuple[str, ...], chat: bool) -> None:
     """The answer as the client asked for it: without the fields `_ask_for_behavior` added."""
     if "return_token_ids" in added:
@@ -270,18 +277,20 @@ class GatewayRoutes:
             return answer
         content = orjson.loads(answer.body)
         for choice in content.get("choices") or ():
-            self._record(choice, version, chat)
+            # The prompt's ids: on the answer (chat) or on each choice (completions).
+            self._record(choice, version, chat, _token_ids(choice.get("prompt_token_ids"))
+                         or _token_ids(content.get("prompt_token_ids")))
         if not added:
             return answer
         _remove_unasked(content, added, chat)
         return Response(content=orjson.dumps(content), status_code=200, media_type="application/json")
 
-    def _record(self, choice: dict[str, Any], version: int | None, chat: bool) -> None:
+    def _record(self, choice: dict[str, Any], version: int | None, chat: bool, prompt_ids: list[int] | None) -> None:
         try:
             token_ids = choice["token_ids"]
             logprobs = choice["logprobs"]
             values = [e["logprob"] for e in logprobs["content"]] if chat else logprobs["token_logprobs"]
-            self.records.add(version, token_ids, values)
+            self.records.add(version, token_ids, values, prompt_ids)
         except (KeyError, TypeError, ValueError):  # a server or an answer that carries neither
             self.unrecorded += 1
 
@@ -333,8 +342,10 @@ class GatewayRoutes:
         if any(c.get("token_ids") is None or not c.get("logprobs") for c in choices):
             return _error(502, "the inference server's completions carry no token_ids/logprobs (vLLM >= 0.10.2 needed)")
         samples = [Sample(c["text"], c["token_ids"], c["logprobs"]["token_logprobs"], c["finish_reason"]) for c in choices]
+        # The ids the server was sent (what the environment's sequence holds), else those it tokenized.
+        prompt_ids = _token_ids(body.get("prompt")) or (_token_ids(choices[0].get("prompt_token_ids")) if choices else None)
         for sample in samples:
-            self.records.add(version, sample.token_ids, sample.log_probs)
+            self.records.add(version, sample.token_ids, sample.log_probs, prompt_ids)
         return choices[0].get("prompt_token_ids") if choices else None, samples
 
 
