@@ -62,8 +62,8 @@ def test_chat_and_generate_are_recorded(policy_server):
         # Token ids in: each completion is recorded after its prompt's ids (what the sample will hold).
         assert health(gateway)["behavior_records"]["in_context"] == in_context + 2
         for token_ids, logprobs in zip(generated["token_ids"], generated["logprobs"]):
-            record = gateway.records.lookup(token_ids, [1, 2, 3])
-            assert record is not None and record.version == 5
+            record, in_context = gateway.records.find(token_ids, [1, 2, 3])
+            assert record is not None and record.version == 5 and in_context
             np.testing.assert_allclose(record.logprobs_T, [next(iter(e[0].values())) for e in logprobs], atol=1e-5)
 
 
