@@ -125,9 +125,9 @@ def test_token_in_generate_is_recorded_and_never_retokenizes(policy_server):
         first, second_prompt, second = asyncio.run(two_turns(root_url(gateway)))
         raw = post(gateway, "/inference/v1/generate", {"model": "x", "token_ids": second_prompt,
                                                        "sampling_params": {"max_tokens": 5, "seed": 2, "logprobs": 1}})
-        for completion in (first, second):
-            record = gateway.records.lookup(list(completion.token_ids))
-            assert record is not None and record.version == 7
+        for context, completion in (([5, 6, 7], first), (second_prompt, second)):
+            record, in_context = gateway.records.find(list(completion.token_ids), context)
+            assert record is not None and in_context and record.version == 7
             np.testing.assert_allclose(record.logprobs_T, completion.logprobs, atol=1e-5)
         assert raw["prompt_token_ids"] == second_prompt
         choice = raw["choices"][0]

@@ -164,8 +164,9 @@ def check_guess_group(group: dict, tokenizer, gateway: PolicyGateway, parse) -> 
                                         "answer with one number."}], tokenize=False, add_generation_prompt=True)
         assert tokens[: runs[0][0]] == tokenizer(prompt, add_special_tokens=False)["input_ids"]
         for start, end in runs:  # each turn is a completion the gateway recorded, with its log-probs
-            record = gateway.records.lookup(tokens[start:end])
-            assert record is not None and mask[start:end] == tokens[start:end]
+            # Found after exactly the tokens before it: a short answer (a lone EOS) recurs across episodes.
+            record, in_context = gateway.records.find(tokens[start:end], tokens[:start])
+            assert record is not None and in_context and mask[start:end] == tokens[start:end]
             assert logprobs[start:end] == pytest.approx(record.logprobs_T.tolist(), abs=1e-6)
         rewards = guess_step_rewards(tokenizer, tokens, runs, secret_of(seed), parse)
         assert len(rewards) == len(runs) and score == pytest.approx(sum(rewards))
