@@ -236,26 +236,39 @@ class ScoringTimeout(BaseException):
     inside them) catch Exception broadly, and must not swallow the interruption."""
 
 
+# How soon a lost alarm fires again: an exception raised by a signal handler while a gc callback
+# runs (hypothesis, wandb and others register them) is printed and dropped, not raised in the block.
+_ALARM_RETRY_S = 0.05
+
+
 @contextlib.contextmanager
 def _time_limit(seconds: float) -> Iterator[None]:
-    """Interrupt the block with :class:`ScoringTimeout` after ``seconds`` (main thread only)."""
+    """Interrupt the block with :class:`ScoringTimeout` after ``seconds`` (main thread only); the
+    alarm fires again every ``_ALARM_RETRY_S`` until the block has ended, and a block that ends
+    after its alarm fired (each interruption swallowed) raises it on the way out."""
     if seconds <= 0 or threading.current_thread() is not threading.main_thread():
         yield
         return
-    running = [True]
+    running, fired = [True], [False]
 
     def on_alarm(signum: int, frame: Any) -> None:
         if running[0]:  # an alarm landing after the block ended must not undo its result
+            fired[0] = True
+            signal.setitimer(signal.ITIMER_REAL, _ALARM_RETRY_S)
             raise ScoringTimeout
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        yield
-    finally:
-        running[0] = False
+        try:
+            yield
+        finally:
+            running[0] = False
+    finally:  # apart: a retry landing before `running` is cleared still leaves the timer disarmed
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
+    if fired[0]:
+        raise ScoringTimeout
 
 
 @dataclasses.dataclass(frozen=True)

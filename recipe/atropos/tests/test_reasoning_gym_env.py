@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -25,6 +26,8 @@ from recipe.atropos.environments.reasoning_gym_env import (
     EntryRef,
     ReasoningGymConfig,
     ReasoningGymJudge,
+    ScoringTimeout,
+    build_dataset,
     rl_rows,
 )
 from recipe.atropos.tests.servers import LOOPBACK_HOST, ServerProcess, find_free_loopback_port
@@ -148,6 +151,30 @@ def test_a_verifier_past_its_time_limit_scores_0():
     ground_truth = rl_rows("polynomial_multiplication", 1, 4, range(1), "train")[0]["reward_model"]["ground_truth"]
     _, judgement = ReasoningGymJudge(score_timeout_s=0.3).judge(tagged("expand((x+y+1)**300)"), ground_truth)
     assert (judgement.score, judgement.status) == (0.0, "timeout")
+
+
+def test_a_lost_alarm_fires_again(monkeypatch):
+    """A signal handler's exception raised while a gc callback runs is dropped (a CI run lost the
+    alarm that way, inside hypothesis' callback): the alarm must fire again, not once."""
+    row = rl_rows("basic_arithmetic", 3, 10, range(1), "train")[0]
+    interrupted = []
+
+    def loses_the_first_alarm(answer, entry) -> float:
+        deadline = time.monotonic() + 5
+        try:
+            while time.monotonic() < deadline:
+                pass
+        except ScoringTimeout:  # dropped, as a gc callback's exception is
+            interrupted.append("first")
+        while time.monotonic() < deadline:
+            pass
+        interrupted.append("never")  # ran to its end: only the first alarm ever fired
+        return 1.0
+
+    monkeypatch.setattr(build_dataset("basic_arithmetic", 3, 10), "score_answer", loses_the_first_alarm)
+    _, judgement = ReasoningGymJudge(score_timeout_s=0.2).judge(tagged(row["extra_info"]["answer"]),
+                                                               row["reward_model"]["ground_truth"])
+    assert (judgement.score, judgement.status, interrupted) == (0.0, "timeout", ["first"])
 
 
 def test_tasks_option_takes_a_comma_list_and_names_unknown_tasks():
